@@ -1,0 +1,385 @@
+"""ArborGRPO: train the LM behind a DSPy program with GRPO on the program's own metric.
+
+One step, top to bottom (`ArborGRPO._train_step`):
+1. draw k examples (shuffled per epoch with the seed);
+2. run the program G times on each, `num_threads` in flight, recording every LM call with its
+   exact prompt and completion token ids and sampling log-probs;
+3. score each run (format failures get partial credit, errors `failure_score`, both kept);
+4. group calls by (example, predictor, invocation) and send every group to the GRPO job,
+   which trains on all of them and publishes the new adapter to the engine;
+5. validate on schedule and keep checkpoints per `checkpoint`.
+
+Departures from DSPy's GRPO and Arbor's copy of it (ARCHITECTURE.md section 5):
+1. The trainer gets the sampled token ids, not prompts rebuilt with another adapter.
+2. Every group of a step is trained on; nothing is padded, queued or dropped.
+3. `compile` returns the program served by the best checkpoint (`single-best`), not the last.
+4. Validation samples at `val_temperature` (greedy by default), not at the rollout temperature.
+5. `exclude_demos=False` works: demos stay in rollouts, validation and the returned program.
+6. `ragged` and `fill` grouping work; partial format credit works.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from espalier.grpo_config import CompileConfig, check_sampling_agreement
+from espalier.rollout.grouping import build_groups
+from espalier.rollout.runner import EvalResult, evaluate, rollout_program, run_rollouts
+from espalier.tracking import make_tracker
+from espalier.types import Group, Rollout
+
+logger = logging.getLogger("espalier")
+
+
+class ArborGRPO(dspy.teleprompt.Teleprompter):
+    def __init__(
+        self,
+        metric: Callable | None = None,
+        multitask: bool = True,
+        train_kwargs: dict[str, Any] | None = None,
+        adapter: dspy.Adapter | None = None,
+        exclude_demos: bool = False,
+        num_threads: int = 6,
+        num_train_steps: int = 100,
+        seed: int = 0,
+        num_dspy_examples_per_grpo_step: int = 1,
+        num_rollouts_per_grpo_step: int = 1,
+        use_train_as_val: bool = False,
+        num_steps_for_val: int = 5,
+        report_train_scores: bool = False,
+        failure_score: float = 0,
+        format_failure_score: float = -1,
+        variably_invoked_predictor_grouping_mode: str = "truncate",
+        variably_invoked_predictor_fill_strategy: str | None = None,
+        checkpoint: str = "single-best",
+        val_temperature: float = 0.0,
+        run_dir: str | None = None,
+    ):
+        if metric is None:
+            raise ValueError("ArborGRPO needs a metric(example, pred, trace=None) -> float | bool")
+        if not multitask:
+            raise ValueError("multitask=False (one job per predictor) is not supported: all predictors share one LM")
+        from espalier.config import TrainConfig  # validates every train_kwargs key once, here at the edge
+
+        self.metric = metric
+        self.adapter = adapter
+        self.train_kwargs = dict(train_kwargs or {})
+        self.train_config = TrainConfig.from_kwargs(self.train_kwargs)
+        self.config = CompileConfig(
+            num_dspy_examples_per_grpo_step=num_dspy_examples_per_grpo_step,
+            num_rollouts_per_grpo_step=num_rollouts_per_grpo_step,
+            exclude_demos=exclude_demos,
+            num_train_steps=num_train_steps,
+            num_threads=num_threads,
+            use_train_as_val=use_train_as_val,
+            num_steps_for_val=num_steps_for_val,
+            report_train_scores=report_train_scores,
+            checkpoint=checkpoint,
+            seed=seed,
+            failure_score=float(failure_score),
+            format_failure_score=float(format_failure_score),
+            variably_invoked_predictor_grouping_mode=variably_invoked_predictor_grouping_mode,
+            variably_invoked_predictor_fill_strategy=variably_invoked_predictor_fill_strategy,
+            val_temperature=val_temperature,
+            run_dir=run_dir,
+        )
+        self.rng = random.Random(seed)
+        self.history: list[dict[str, Any]] = []  # one record per step and per validation, for summaries
+
+    # ----------------------------------------------------------------------------------------
+    def compile(
+        self,
+        student: dspy.Module,
+        trainset: Sequence[dspy.Example],
+        teacher: dspy.Module | list[dspy.Module] | None = None,
+        valset: Sequence[dspy.Example] | None = None,
+        **kwargs: Any,
+    ) -> dspy.Module:
+        cfg = self.config
+        valset = self._validation_set(trainset, valset)
+        lm = _single_lm(student)
+        sampling = check_sampling_agreement(lm.kwargs, self.train_kwargs)
+        teachers = _teachers(teacher, student)
+        run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S"))
+        tracker = make_tracker(self.train_config.report_to, run_dir, {**asdict(cfg), **self.train_kwargs})
+        self._report_plan(student, trainset)
+
+        job = lm.reinforce(train_kwargs=self.train_kwargs)
+        overrides = {**sampling, "logprobs": True}
+        programs = [rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *teachers]]
+        predictors = [name for name, _ in student.named_predictors()]
+        best = _Best()
+        try:
+            self._validate(student, lm, valset, trainset, 0, best, job, tracker)
+            for step in range(cfg.num_train_steps):
+                record = self._train_step(step, programs, predictors, trainset, job)
+                tracker.log(record["metrics"], step + 1)
+                if self.train_config.log_completions and step % max(self.train_config.logging_steps, 1) == 0:
+                    tracker.log_table("completions", record["completions"], step + 1)
+                if record["capped"]:
+                    logger.info("max_steps=%d optimizer steps reached: stopping", self.train_config.max_steps)
+                    self._validate(student, lm, valset, trainset, step + 1, best, job, tracker)
+                    break
+                if (step + 1) % cfg.num_steps_for_val == 0 or step + 1 == cfg.num_train_steps:
+                    self._validate(student, lm, valset, trainset, step + 1, best, job, tracker)
+            final = self._finish(student, lm, job, best)
+        finally:
+            tracker.close()
+            _terminate(job)
+        return final
+
+    # ----------------------------------------------------------------------------------------
+    def _train_step(self, step, programs, predictors, trainset, job) -> dict[str, Any]:
+        cfg = self.config
+        t0 = time.perf_counter()
+        examples = self._draw(trainset)
+        rollouts = run_rollouts(
+            programs,
+            examples,
+            cfg.num_rollouts_per_grpo_step,
+            self.metric,
+            cfg.failure_score,
+            cfg.format_failure_score,
+            cfg.num_threads,
+            self.adapter,
+            desc=f"step {step + 1}/{cfg.num_train_steps} rollouts",
+        )
+        t1 = time.perf_counter()
+        groups = build_groups(
+            rollouts,
+            predictors,
+            cfg.variably_invoked_predictor_grouping_mode,
+            cfg.variably_invoked_predictor_fill_strategy,
+            self.rng,
+        )
+        train = job.step_groups(groups) if groups else {"metrics": [], "capped": False}
+        t2 = time.perf_counter()
+        metrics = _step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
+        self.history.append({"kind": "step", "step": step + 1, **metrics})
+        logger.info(_step_line(step + 1, cfg.num_train_steps, metrics))
+        return {"metrics": metrics, "completions": _completion_rows(rollouts), "capped": bool(train.get("capped"))}
+
+    def _draw(self, trainset: Sequence[dspy.Example]) -> list[tuple[int, dspy.Example]]:
+        """k examples, walking a per-epoch seeded shuffle of the trainset."""
+        if not hasattr(self, "_order"):
+            self._order, self._cursor = [], 0
+        drawn = []
+        while len(drawn) < self.config.num_dspy_examples_per_grpo_step:
+            if self._cursor >= len(self._order):
+                self._order = list(range(len(trainset)))
+                self.rng.shuffle(self._order)
+                self._cursor = 0
+            i = self._order[self._cursor]
+            self._cursor += 1
+            drawn.append((i, trainset[i]))
+        return drawn
+
+    # ----------------------------------------------------------------------------------------
+    def _validation_set(self, trainset, valset):
+        cfg = self.config
+        if not trainset:
+            raise ValueError("trainset is empty")
+        if valset is not None and len(valset) > 0:
+            if cfg.use_train_as_val:
+                raise ValueError("a valset was given and use_train_as_val=True: pass one or the other")
+            return list(valset)
+        if cfg.use_train_as_val:
+            return list(trainset)
+        if cfg.checkpoint in ("single-best", "improvements"):
+            raise ValueError(
+                f"checkpoint={cfg.checkpoint!r} picks checkpoints by validation score, but there is no valset: "
+                "pass valset=..., or use_train_as_val=True, or checkpoint='last'"
+            )
+        return None
+
+    def _validate(self, student, lm, valset, trainset, step, best, job, tracker) -> None:
+        if valset is None:
+            return
+        cfg = self.config
+        model = lm.model if step > 0 else _model_variant(lm.model, "base")
+        program = _served_program(student, lm, model, cfg)
+        result = evaluate(program, valset, self.metric, cfg.num_threads, self.adapter, desc=f"validation @ step {step}")
+        metrics = {f"val/{k}": v for k, v in result.to_dict().items()}
+        if cfg.report_train_scores and not cfg.use_train_as_val:
+            train_result = evaluate(program, trainset, self.metric, cfg.num_threads, self.adapter, desc="train score")
+            metrics.update({f"train/{k}": v for k, v in train_result.to_dict().items()})
+        tracker.log(metrics, step)
+        self.history.append({"kind": "val", "step": step, **result.to_dict()})
+        logger.info(
+            "validation @ step %d: score %.3f, format failures %.0f%%, errors %.0f%% (%d examples)",
+            step,
+            result.score,
+            100 * result.format_failure_rate,
+            100 * result.error_rate,
+            result.num_examples,
+        )
+        self._keep(step, result, best, job)
+
+    def _keep(self, step: int, result: EvalResult, best: _Best, job) -> None:
+        if self.config.checkpoint not in ("single-best", "improvements") or result.score <= best.score:
+            return
+        name = "base" if step == 0 else f"step-{step}"
+        if step > 0:
+            job.save_checkpoint(name)
+        best.score, best.step, best.name = result.score, step, name
+        logger.info("new best validation score %.3f at step %d (checkpoint %s)", result.score, step, name)
+
+    def _finish(self, student, lm, job, best: _Best) -> dspy.Module:
+        mode = self.config.checkpoint
+        if mode == "last":
+            job.save_checkpoint("last")
+            model = _model_variant(lm.model, "last")
+        elif mode in ("single-best", "improvements") and best.name is not None:
+            model = _model_variant(lm.model, best.name)
+            logger.info("returning the best checkpoint: %s (validation %.3f at step %d)", best.name, best.score, best.step)
+        else:
+            model = lm.model
+        final = _served_program(student, lm, model, self.config)
+        final._compiled = True
+        return final
+
+    def _report_plan(self, student: dspy.Module, trainset) -> None:
+        cfg, tc = self.config, self.train_config
+        calls = len(student.named_predictors())
+        seqs = cfg.num_dspy_examples_per_grpo_step * cfg.num_rollouts_per_grpo_step * calls
+        per_update = tc.per_device_train_batch_size * tc.gradient_accumulation_steps * max(tc.num_training_gpus, 1)
+        updates = -(-seqs // per_update)
+        logger.info(
+            "plan: %d steps x (%d examples x %d rollouts) = at least %d sequences/step (%d predictors) -> "
+            "at least %d optimizer updates/step of %d sequences; %d train examples",
+            cfg.num_train_steps,
+            cfg.num_dspy_examples_per_grpo_step,
+            cfg.num_rollouts_per_grpo_step,
+            seqs,
+            calls,
+            updates,
+            per_update,
+            len(trainset),
+        )
+        if tc.max_steps and tc.max_steps > 0 and tc.max_steps < cfg.num_train_steps * updates:
+            logger.warning(
+                "max_steps=%d caps optimizer updates below num_train_steps=%d x at least %d updates/step = %d: "
+                "training stops after about %d GRPO steps",
+                tc.max_steps,
+                cfg.num_train_steps,
+                updates,
+                cfg.num_train_steps * updates,
+                tc.max_steps // max(updates, 1),
+            )
+
+
+class _Best:
+    score: float = float("-inf")
+    step: int = -1
+    name: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+def _single_lm(student: dspy.Module) -> dspy.LM:
+    lms = {id(p.lm): p.lm for _, p in student.named_predictors() if p.lm is not None}
+    missing = [n for n, p in student.named_predictors() if p.lm is None]
+    if missing or not lms:
+        raise ValueError(f"predictors {missing or 'all'} have no LM: call program.set_lm(local_lm) before compile")
+    models = {lm.model for lm in lms.values()}
+    if len(models) > 1:
+        raise ValueError(f"all predictors must share one Espalier LM, found {sorted(models)}")
+    lm = next(iter(lms.values()))
+    if not getattr(lm.provider, "reinforceable", False):
+        raise ValueError(
+            "the program's LM has no reinforceable provider: build it as dspy.LM('openai/arbor:<model>', "
+            "provider=ArborProvider(), api_base=espalier.init()['base_url'])"
+        )
+    return lm
+
+
+def _teachers(teacher, student) -> list[dspy.Module]:
+    if teacher is None:
+        return []
+    teachers = teacher if isinstance(teacher, list) else [teacher]
+    names = [n for n, _ in student.named_predictors()]
+    for t in teachers:
+        if [n for n, _ in t.named_predictors()] != names:
+            raise ValueError("a teacher program must have the same predictors as the student (same structure)")
+    return teachers
+
+
+def _model_variant(model: str, name: str) -> str:
+    """'openai/arbor:<id>' -> 'openai/arbor:<id>@<name>': the server's name for a checkpoint's adapter."""
+    return f"{model.split('@', 1)[0]}@{name}"
+
+
+def _served_program(student: dspy.Module, lm: dspy.LM, model: str, cfg: CompileConfig) -> dspy.Module:
+    """A copy of the student that samples from `model` at the validation temperature."""
+    program = student.deepcopy()
+    served = lm.copy(model=model, temperature=cfg.val_temperature)
+    for _, predictor in program.named_predictors():
+        predictor.lm = served
+        if cfg.exclude_demos:
+            predictor.demos = []
+    return program
+
+
+def _terminate(job) -> None:
+    try:
+        job.terminate()
+    except Exception as e:  # noqa: BLE001 - the result is already computed; say why cleanup failed
+        logger.warning("could not terminate the GRPO job cleanly: %s", e)
+
+
+def _step_metrics(rollouts: list[Rollout], groups: list[Group], train: list[dict], t_roll: float, t_train: float):
+    n = max(len(rollouts), 1)
+    rewards = [r.reward for r in rollouts]
+    mean = sum(rewards) / n
+    flat = [g for g in groups if len({s.reward for s in g.samples}) == 1]
+    metrics = {
+        "reward/mean": mean,
+        "reward/std": (sum((r - mean) ** 2 for r in rewards) / n) ** 0.5,
+        "rollouts/format_failure_rate": sum(bool(r.failure and r.failure.startswith("format")) for r in rollouts) / n,
+        "rollouts/error_rate": sum(bool(r.failure and not r.failure.startswith("format")) for r in rollouts) / n,
+        "rollouts/calls": float(sum(len(r.calls) for r in rollouts)),
+        "groups/count": float(len(groups)),
+        "groups/sequences": float(sum(len(g.samples) for g in groups)),
+        "groups/no_variance_share": len(flat) / max(len(groups), 1),
+        "time/rollouts_s": t_roll,
+        "time/train_s": t_train,
+        "train/optimizer_steps": float(len(train)),
+    }
+    for key in ("loss", "kl", "grad_norm", "learning_rate", "clip_ratio_low", "clip_ratio_high", "tokens_per_second"):
+        values = [m[key] for m in train if key in m]
+        if values:
+            metrics[f"train/{key}"] = sum(values) / len(values)
+    return metrics
+
+
+def _step_line(step: int, total: int, m: dict[str, float]) -> str:
+    loss = f"loss {m['train/loss']:+.4f} " if "train/loss" in m else ""
+    return (
+        f"step {step}/{total}: reward {m['reward/mean']:.3f} (std {m['reward/std']:.3f}), "
+        f"format failures {100 * m['rollouts/format_failure_rate']:.0f}%, {int(m['groups/count'])} groups / "
+        f"{int(m['groups/sequences'])} seqs, {loss}rollouts {m['time/rollouts_s']:.0f}s, train {m['time/train_s']:.0f}s"
+    )
+
+
+def _completion_rows(rollouts: list[Rollout], limit: int = 24) -> list[dict[str, Any]]:
+    rows = []
+    for r in rollouts[:limit]:
+        for c in r.calls:
+            rows.append(
+                {
+                    "example": r.example_index,
+                    "predictor": c.predictor,
+                    "invocation": c.invocation,
+                    "reward": r.reward,
+                    "failure": r.failure or "",
+                    "completion": c.completion_text[:2000],
+                }
+            )
+    return rows

@@ -1,0 +1,74 @@
+"""The compiler's own arguments (those of DSPy's GRPO and the recipe), validated once.
+
+`train_kwargs` are validated by `espalier.config.TrainConfig`; this file checks the
+arguments around them and the combinations that cannot work, with messages that name the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CHECKPOINT_MODES = ("single-best", "improvements", "last", "none")
+GROUPING_MODES = ("truncate", "fill", "ragged")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    num_dspy_examples_per_grpo_step: int = 1
+    num_rollouts_per_grpo_step: int = 1
+    exclude_demos: bool = False
+    num_train_steps: int = 100
+    num_threads: int = 6
+    use_train_as_val: bool = False
+    num_steps_for_val: int = 5
+    report_train_scores: bool = False
+    checkpoint: str = "single-best"
+    seed: int = 0
+    failure_score: float = 0.0
+    format_failure_score: float = -1.0
+    variably_invoked_predictor_grouping_mode: str = "truncate"
+    variably_invoked_predictor_fill_strategy: str | None = None
+    val_temperature: float = 0.0
+    run_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_dspy_examples_per_grpo_step", "num_train_steps", "num_threads", "num_steps_for_val"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_rollouts_per_grpo_step < 2:
+            raise ValueError(
+                f"num_rollouts_per_grpo_step={self.num_rollouts_per_grpo_step}: GRPO compares runs of the same example, "
+                "so it needs at least 2 rollouts per example (the recipe uses 24/6 = 4 per example)"
+            )
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint={self.checkpoint!r}; use one of {', '.join(CHECKPOINT_MODES)}")
+        if self.failure_score <= self.format_failure_score:
+            raise ValueError(
+                f"failure_score ({self.failure_score}) must be greater than format_failure_score "
+                f"({self.format_failure_score}): partial format credit lies between them"
+            )
+        mode = self.variably_invoked_predictor_grouping_mode
+        if mode not in GROUPING_MODES:
+            raise ValueError(f"variably_invoked_predictor_grouping_mode={mode!r}; use one of {', '.join(GROUPING_MODES)}")
+        if mode == "fill" and self.variably_invoked_predictor_fill_strategy not in ("randint", "max"):
+            raise ValueError("grouping mode 'fill' needs variably_invoked_predictor_fill_strategy='randint' or 'max'")
+        if self.val_temperature < 0:
+            raise ValueError(f"val_temperature must be >= 0 (0 = greedy), got {self.val_temperature}")
+
+
+def check_sampling_agreement(lm_kwargs: dict[str, Any], train_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The rollout sampling settings: train_kwargs' values, which must agree with the LM's where both are set."""
+    settings = {}
+    for key in SAMPLING_KEYS:
+        lm_value, train_value = lm_kwargs.get(key), train_kwargs.get(key)
+        if lm_value is not None and train_value is not None and float(lm_value) != float(train_value):
+            raise ValueError(
+                f"{key} disagrees: the LM samples with {key}={lm_value} but train_kwargs say {key}={train_value}; "
+                "log-probs must use the sampling settings, so set the same value in both"
+            )
+        value = train_value if train_value is not None else lm_value
+        if value is not None:
+            settings[key] = value
+    return settings

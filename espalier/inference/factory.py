@@ -1,0 +1,54 @@
+"""Model path resolution and engine construction from plain arguments.
+
+"auto" picks vLLM when it is importable and the transformers engine otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from espalier.inference.engine import Engine
+
+ENGINES = ("auto", "vllm", "transformers")
+
+
+def resolve_model_path(model: str, cache_dir: Path | None = None) -> Path:
+    """A local HF directory as is; anything else through `espalier.models.materialize_model`."""
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return path.resolve()
+    from espalier.models import materialize_model
+
+    return Path(materialize_model(model, cache_dir=cache_dir))
+
+
+def pick_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    return engine
+
+
+def device_for(num_inference_gpus: int) -> str:
+    if num_inference_gpus <= 0:
+        return "cpu"
+    import torch
+
+    available = torch.cuda.device_count()
+    if num_inference_gpus > available:
+        raise ValueError(f"num_inference_gpus={num_inference_gpus} but this machine has {available} CUDA devices")
+    return "cuda"
+
+
+def make_engine(model_path: Path, engine: str = "auto", num_inference_gpus: int = 0, timeout: float = 900.0) -> Engine:
+    kind = pick_engine(engine)
+    device = device_for(num_inference_gpus)
+    if kind == "vllm":
+        from espalier.inference.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, num_gpus=num_inference_gpus, start_timeout=timeout)
+    from espalier.inference.hf_engine import TransformersEngine
+
+    return TransformersEngine(model_path, device=device)

@@ -1,0 +1,127 @@
+"""Arbor's GRPO job routes: `/v1/fine_tuning/grpo/{initialize,step,status,checkpoint,cancel,terminate}`.
+
+Request and response shapes follow Arbor (`GRPOStatus`: job_id, status, current_model,
+checkpoints, last_checkpoint, pending_batch_ids), plus Espalier fields.
+
+Departures from Arbor:
+1. `initialize` accepts both Arbor layouts: flat train kwargs (older clients) or
+   `trainer_config` (newer); keys whose value is null are defaults; any other key goes to
+   `TrainConfig`, which rejects unknown ones with a 400 that lists the known keys.
+2. `step` also accepts Espalier's `groups` (a list of `Group.to_dict()`), so token ids and
+   sampling log-probs cross unchanged.
+3. One job at a time (one engine, one policy): a second `initialize` while one runs is 409.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+
+from espalier.inference import openai_api as oa
+from espalier.inference.job import GRPOJob, JobError, JobOptions, groups_from_batch
+from espalier.inference.serving import UnknownModel, strip_prefix
+from espalier.types import Group
+
+_META = {"model", "suffix", "trainer_config", "inference_config", "gpu_config", "batches_per_step", "job_id",
+         "wandb_kwargs", "grpo_flavor"}
+
+
+def _train_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {k: v for k, v in body.items() if k not in _META and v is not None}
+    trainer_config = body.get("trainer_config") or {}
+    if not isinstance(trainer_config, dict):
+        raise oa.BadRequest("trainer_config must be an object", "trainer_config")
+    kwargs.update({k: v for k, v in trainer_config.items() if v is not None})
+    gpu = (body.get("gpu_config") or {}).get("multi") or {}
+    for key in ("num_training_gpus", "num_inference_gpus"):
+        if key in gpu and key not in kwargs:
+            kwargs[key] = gpu[key]
+    return kwargs
+
+
+def _job(request: Request, body: dict[str, Any]) -> GRPOJob:
+    job: GRPOJob | None = request.app.state.job
+    if job is None:
+        raise JobError("no GRPO job: call /v1/fine_tuning/grpo/initialize first", 404)
+    given = body.get("job_id")
+    if given is not None and given != job.state.job_id:
+        raise JobError(f"unknown job_id {given!r}; the current job is {job.state.job_id!r}", 404)
+    return job
+
+
+def add_grpo_routes(app: FastAPI) -> None:
+    from espalier.inference.server import _error, read_json
+
+    served, settings = app.state.served, app.state.settings
+    limit = settings.max_body_bytes
+
+    @app.exception_handler(JobError)
+    async def job_error(_: Request, e: JobError):
+        return _error(e.status, str(e))
+
+    @app.post("/v1/fine_tuning/grpo/initialize")
+    async def initialize(request: Request):
+        body = await read_json(request, limit)
+        model = body.get("model")
+        if not isinstance(model, str) or strip_prefix(model).partition("@")[0] not in served.aliases:
+            raise UnknownModel(f"this server trains {served.model_id!r}, not {model!r}")
+        current: GRPOJob | None = app.state.job
+        if current is not None and current.state.status == "running":
+            raise JobError(f"job {current.state.job_id} is still running; terminate or cancel it first", 409)
+        kwargs = _train_kwargs(body)
+        gpus = int(kwargs.get("num_training_gpus", 0) or 0)
+        options = JobOptions(
+            model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
+            device="cuda" if gpus > 0 else "cpu", batches_per_step=int(body.get("batches_per_step") or 1),
+            step_timeout=settings.request_timeout * 6, factory=getattr(app.state, "trainer_factory", None)
+            or JobOptions.factory,
+        )
+        job = await run_in_threadpool(GRPOJob, served, options)
+        app.state.job = job
+        return job.status()
+
+    @app.post("/v1/fine_tuning/grpo/status")
+    async def status(request: Request):
+        return _job(request, await read_json(request, limit)).status()
+
+    @app.get("/v1/fine_tuning/grpo/status")
+    async def status_get(request: Request):
+        return _job(request, dict(request.query_params)).status()
+
+    @app.post("/v1/fine_tuning/grpo/step")
+    async def step(request: Request):
+        body = await read_json(request, limit)
+        job = _job(request, body)
+        try:
+            if body.get("groups") is not None:
+                groups, ids = [Group.from_dict(g) for g in body["groups"]], []
+            else:
+                groups, ids = groups_from_batch(body.get("batch"), served.engine.tokenizer)
+        except (ValueError, KeyError, TypeError) as e:
+            raise oa.BadRequest(f"bad GRPO batch: {e}", "batch") from e
+        await run_in_threadpool(job.step, groups, ids)
+        return job.status()
+
+    @app.post("/v1/fine_tuning/grpo/checkpoint")
+    async def checkpoint(request: Request):
+        body = await read_json(request, limit)
+        job = _job(request, body)
+        name = body.get("checkpoint_name")
+        if not isinstance(name, str) or not name or "/" in name or "@" in name or name in ("base", ".", ".."):
+            raise oa.BadRequest("checkpoint_name must be a non-empty name without '/' or '@'", "checkpoint_name")
+        await run_in_threadpool(job.checkpoint, name)
+        return job.status()
+
+    @app.post("/v1/fine_tuning/grpo/cancel")
+    async def cancel(request: Request):
+        job = _job(request, await read_json(request, limit))
+        await run_in_threadpool(job.cancel)
+        return job.status()
+
+    @app.post("/v1/fine_tuning/grpo/terminate")
+    async def terminate(request: Request):
+        job = _job(request, await read_json(request, limit))
+        await run_in_threadpool(job.terminate)
+        return job.status()

@@ -1,0 +1,229 @@
+"""The GRPO job behind `/v1/fine_tuning/grpo/*`: a trainer worker process plus adapter publishing.
+
+A step converts the posted batch into `espalier.types.Group`s, has the worker run
+`GRPOTrainer.train_step` on all of them, exports the new adapter and loads it into the engine
+as the current policy, timing the swap. Every wait on the worker has a timeout, and a dead
+worker turns the job's status to "failed" with the reason instead of hanging.
+
+Departures from Arbor:
+1. `step` trains on every group it is given, synchronously, and returns when the new policy
+   is being served; Arbor queues one group per optimizer step and trains in the background.
+2. Batch items keep the ids that were sampled: `prompt_ids` / `completion_ids` / `logprobs`
+   when a member has them, else the member's messages and completion are tokenised with the
+   server's own chat template (the one that sampled), never re-rendered by another adapter.
+3. `pending_batch_ids` advertises `batches_per_step` ids at a time (default 1, as Arbor's
+   clients expect one group per id); Espalier's own client sends groups without ids.
+4. The worker's death, a timeout or a trainer error is reported in `status` and as HTTP
+   500/409 with the message; Arbor waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from espalier.inference.chat import completion_ids, normalize_messages, prompt_ids
+from espalier.inference.job_worker import DEFAULT_FACTORY, worker_main
+from espalier.inference.serving import ServedModel
+from espalier.types import Group, Sample
+
+log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job cannot do what was asked; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class JobOptions:
+    model_path: Path
+    run_dir: Path
+    train_kwargs: dict[str, Any]
+    device: str = "cpu"
+    batches_per_step: int = 1
+    start_timeout: float = 900.0
+    step_timeout: float = 3600.0
+    factory: str = DEFAULT_FACTORY
+
+
+def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
+    if "reward" not in member:
+        raise ValueError("every group member needs a 'reward'")
+    if member.get("prompt_ids") is not None and member.get("completion_ids") is not None:
+        prompt, completion = list(member["prompt_ids"]), list(member["completion_ids"])
+    else:
+        messages = normalize_messages(member.get("messages"))
+        reply = member.get("completion")
+        text = reply.get("content") if isinstance(reply, dict) else reply
+        if not isinstance(text, str):
+            raise ValueError("a member without token ids needs 'messages' and 'completion': {'content': ...}")
+        prompt, completion = prompt_ids(tokenizer, messages), completion_ids(tokenizer, text)
+    logprobs = member.get("logprobs")
+    return Sample(tuple(prompt), tuple(completion), float(member["reward"]),
+                  None if logprobs is None else tuple(float(x) for x in logprobs))
+
+
+def groups_from_batch(batch: list[Any], tokenizer) -> tuple[list[Group], list[int]]:
+    """Arbor batch items (`{batch_id, group: [...]}`, a bare list of members, or one flat group)."""
+    if not isinstance(batch, list) or not batch:
+        raise ValueError("batch must be a non-empty list")
+    if all(isinstance(m, dict) and "group" not in m for m in batch):
+        batch = [batch]  # one flat group of members
+    groups, ids = [], []
+    for i, item in enumerate(batch):
+        members = item.get("group") if isinstance(item, dict) else item
+        if not isinstance(members, list) or not members:
+            raise ValueError(f"batch item {i} has no group members")
+        if isinstance(item, dict) and item.get("batch_id") is not None:
+            ids.append(int(item["batch_id"]))
+        key = f"batch{item.get('batch_id')}" if isinstance(item, dict) else f"item{i}"
+        groups.append(Group(tuple(_member_sample(m, tokenizer) for m in members), key=key))
+    return groups, ids
+
+
+@dataclass
+class JobState:
+    job_id: str
+    status: str = "initializing"  # running | failed | cancelled | terminated
+    error: str | None = None
+    steps: int = 0
+    optimizer_steps: int = 0
+    pending_batch_ids: list[int] = field(default_factory=list)
+    checkpoints: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
+    last_checkpoint: str | None = None
+    last_swap_ms: float | None = None
+    last_metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class GRPOJob:
+    def __init__(self, served: ServedModel, options: JobOptions):
+        self.served = served
+        self.options = options
+        self.state = JobState(job_id=f"grpo-{uuid.uuid4().hex[:12]}")
+        self._next_batch_id = 0
+        self._lock = threading.Lock()  # one command at a time on the pipe
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=worker_main, name="espalier-trainer", daemon=True,
+            args=(child, options.factory, str(options.model_path), options.train_kwargs, options.device),
+        )
+        self._proc.start()
+        child.close()
+        try:
+            self._call(None, options.start_timeout, "start the trainer")
+        except JobError:
+            self._proc.kill()
+            raise
+        self.state.status = "running"
+        self._refill()
+
+    # ---- worker protocol ---------------------------------------------------------------
+
+    def _call(self, message: tuple | None, timeout: float, what: str) -> dict[str, Any]:
+        with self._lock:
+            return self._exchange(message, timeout, what)
+
+    def _exchange(self, message: tuple | None, timeout: float, what: str) -> dict[str, Any]:
+        if message is not None:
+            self._check_usable()
+            self._conn.send(message)
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.2):
+            if not self._proc.is_alive() and not self._conn.poll(0):
+                self._fail(f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}")
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                self._fail(f"the trainer did not {what} within {timeout:.0f} s; it was stopped")
+        reply = self._conn.recv()
+        if reply[0] == "error":
+            status = 400 if reply[1] == "config" else 500
+            if status == 500:
+                self.state.error = reply[2]
+            raise JobError(f"could not {what}: {reply[2]}", status)
+        return reply[1]
+
+    def _fail(self, message: str) -> None:
+        self.state.status, self.state.error = "failed", message
+        log.error(message)
+        raise JobError(message, 500)
+
+    def _check_usable(self) -> None:
+        if self.state.status != "running":
+            raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error or 'not running'}", 409)
+        if not self._proc.is_alive():
+            self._fail(f"the trainer process died (exit code {self._proc.exitcode})")
+
+    def _refill(self) -> None:
+        while len(self.state.pending_batch_ids) < self.options.batches_per_step:
+            self.state.pending_batch_ids.append(self._next_batch_id)
+            self._next_batch_id += 1
+
+    # ---- the job API -------------------------------------------------------------------
+
+    def step(self, groups: list[Group], batch_ids: list[int]) -> None:
+        self._check_usable()
+        export = self.options.run_dir / "adapters" / f"step-{self.state.steps + 1:05d}"
+        payload = [g.to_dict() for g in groups]
+        result = self._call(("step", payload, str(export)), self.options.step_timeout, "run a training step")
+        self.state.steps += 1
+        self.state.optimizer_steps = result["optimizer_steps"]
+        self.state.last_metrics = result["metrics"]
+        self.state.last_swap_ms = self.served.publish(Path(result["adapter"]))
+        log.info("step %d: %d groups, adapter swap %.1f ms", self.state.steps, len(groups), self.state.last_swap_ms)
+        done = set(batch_ids) or set(self.state.pending_batch_ids[:1])
+        self.state.pending_batch_ids = [b for b in self.state.pending_batch_ids if b not in done]
+        self._refill()
+
+    def checkpoint(self, name: str) -> str:
+        directory = self.options.run_dir / "checkpoints" / name
+        result = self._call(("checkpoint", str(directory)), self.options.step_timeout, f"save checkpoint {name!r}")
+        self.served.add_checkpoint(name, Path(result["adapter"]))
+        self.state.checkpoints[name] = result["checkpoint"]
+        self.state.last_checkpoint = name
+        return result["checkpoint"]
+
+    def terminate(self) -> None:
+        """Stop the worker gracefully; the current policy stays served."""
+        if self.state.status == "running":
+            try:
+                self._call(("stop",), 60, "stop")
+            except JobError:
+                pass
+            self.state.status = "terminated"
+        self._reap()
+
+    def cancel(self) -> None:
+        if self.state.status in ("running", "initializing"):
+            self.state.status = "cancelled"
+        self._reap()
+
+    def _reap(self) -> None:
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        if self.state.status == "running" and not self._proc.is_alive():
+            self.state.status = "failed"
+            self.state.error = f"the trainer process died (exit code {self._proc.exitcode})"
+        s = self.state
+        return {
+            "job_id": s.job_id, "status": s.status, "current_model": self.served.model_id,
+            "checkpoints": dict(s.checkpoints), "last_checkpoint": s.last_checkpoint,
+            "pending_batch_ids": list(s.pending_batch_ids) if s.status == "running" else [],
+            "error": s.error, "steps": s.steps, "optimizer_steps": s.optimizer_steps,
+            "last_swap_ms": s.last_swap_ms, "metrics": s.last_metrics,
+            "checkpoint_models": {c: f"{self.served.model_id}@{c}" for c in s.checkpoints},
+        }

@@ -1,0 +1,159 @@
+"""OpenAI request bodies -> `GenerateRequest`, and engine output -> OpenAI response bodies.
+
+Pure functions, so every validation rule is testable without a server. A bad value raises
+`BadRequest` (-> HTTP 400) naming the parameter and the allowed range.
+
+Departures from OpenAI / Arbor:
+1. Responses carry `prompt_token_ids` (top level) and `token_ids` on each choice, as vLLM
+   does with `return_token_ids`: the ids the engine actually sampled.
+2. `top_k`, `repetition_penalty`, `seed` and chat `continue_final_message` are accepted
+   (vLLM's extensions); streaming is refused with a 400 rather than ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from espalier.inference.engine import GeneratedSequence, GenerateRequest
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+def _number(body: dict[str, Any], name: str, default: float | None, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and int(value) != value):
+        raise BadRequest(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+    return kind(value)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise BadRequest("stop must be a string or a list of strings", "stop")
+
+
+def sampling_request(
+    body: dict[str, Any], prompt: list[int], adapter: str | None, max_model_len: int
+) -> GenerateRequest:
+    """Validate the sampling fields of a chat or completion body against the model's context."""
+    if body.get("stream"):
+        raise BadRequest("streaming is not supported; send stream=false", "stream")
+    room = max_model_len - len(prompt)
+    if room < 1:
+        raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context is {max_model_len}", "messages")
+    max_tokens = _number(body, "max_tokens", None, int)
+    max_tokens = _number(body, "max_completion_tokens", max_tokens, int)
+    max_tokens = room if max_tokens is None else max_tokens
+    if max_tokens < 1 or max_tokens > room:
+        raise BadRequest(
+            f"max_tokens={max_tokens} is impossible: the prompt has {len(prompt)} tokens and the context is "
+            f"{max_model_len}, so at most {room} can be generated",
+            "max_tokens",
+        )
+    temperature = _number(body, "temperature", 1.0, float)
+    top_p = _number(body, "top_p", 1.0, float)
+    top_k = _number(body, "top_k", -1, int)
+    penalty = _number(body, "repetition_penalty", 1.0, float)
+    n = _number(body, "n", 1, int)
+    checks = [
+        (temperature >= 0, "temperature", f"temperature must be >= 0, got {temperature}"),
+        (0 < top_p <= 1, "top_p", f"top_p must be in (0, 1], got {top_p}"),
+        (top_k >= -1, "top_k", f"top_k must be -1 (off) or >= 0, got {top_k}"),
+        (penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0, got {penalty}"),
+        (1 <= n <= 128, "n", f"n must be between 1 and 128, got {n}"),
+    ]
+    for ok, param, message in checks:
+        if not ok:
+            raise BadRequest(message, param)
+    return GenerateRequest(
+        prompt_ids=tuple(prompt),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=penalty,
+        n=n,
+        stop=_stop(body),
+        seed=_number(body, "seed", None, int),
+        adapter=adapter,
+        logprobs=True,
+    )
+
+
+def completion_prompt(body: dict[str, Any], tokenizer) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = len(tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
+        return prompt
+    raise BadRequest("prompt must be a non-empty string or a non-empty list of token ids (one prompt)", "prompt")
+
+
+def _usage(prompt: list[int], seqs: list[GeneratedSequence]) -> dict[str, int]:
+    completion = sum(len(s.token_ids) for s in seqs)
+    return {"prompt_tokens": len(prompt), "completion_tokens": completion, "total_tokens": len(prompt) + completion}
+
+
+def chat_response(
+    model: str, prompt: list[int], seqs: list[GeneratedSequence], tokenizer, want_logprobs: bool
+) -> dict[str, Any]:
+    choices = []
+    for i, s in enumerate(seqs):
+        logprobs = None
+        if want_logprobs and s.logprobs is not None:
+            content = [
+                {"token": tokenizer.convert_ids_to_tokens(t), "logprob": lp, "bytes": None, "top_logprobs": []}
+                for t, lp in zip(s.token_ids, s.logprobs, strict=True)
+            ]
+            logprobs = {"content": content}
+        message = {"role": "assistant", "content": s.text}
+        choices.append(
+            {"index": i, "message": message, "finish_reason": s.finish_reason, "logprobs": logprobs,
+             "token_ids": list(s.token_ids)}
+        )
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": model, "choices": choices, "usage": _usage(prompt, seqs), "prompt_token_ids": prompt,
+    }
+
+
+def completion_response(
+    model: str, prompt: list[int], seqs: list[GeneratedSequence], tokenizer, want_logprobs: bool
+) -> dict[str, Any]:
+    choices = []
+    for i, s in enumerate(seqs):
+        logprobs = None
+        if want_logprobs and s.logprobs is not None:
+            logprobs = {"tokens": tokenizer.convert_ids_to_tokens(list(s.token_ids)),
+                        "token_logprobs": list(s.logprobs), "top_logprobs": None, "text_offset": None}
+        choices.append({"index": i, "text": s.text, "finish_reason": s.finish_reason, "logprobs": logprobs,
+                        "token_ids": list(s.token_ids)})
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        "model": model, "choices": choices, "usage": _usage(prompt, seqs), "prompt_token_ids": prompt,
+    }
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            409: "conflict_error", 413: "request_too_large"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}

@@ -1,0 +1,73 @@
+"""Per-row sampling for the transformers engine: each row of a batch keeps its own parameters.
+
+Pure tensor functions, in the order vLLM applies them: repetition penalty, temperature,
+top-k, top-p, then one draw per row from the row's own generator (so a seeded request
+reproduces regardless of what it was batched with).
+
+Departures from `transformers.generate`:
+1. Sampling parameters are per row, not per call, so concurrent requests with different
+   settings share one forward pass.
+2. The returned log-probs are those of the distribution that sampled (vLLM's
+   `processed_logprobs`); greedy rows report `log_softmax` of the penalised logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowParams:
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    generator: torch.Generator | None
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalties: list[float]) -> torch.Tensor:
+    """HF/vLLM rule: divide positive logits of seen tokens by the penalty, multiply negative ones."""
+    for i, (ids, p) in enumerate(zip(seen, penalties, strict=True)):
+        if p == 1.0:
+            continue
+        ids = ids.unique()
+        vals = logits[i, ids]  # (U,)
+        logits[i, ids] = torch.where(vals > 0, vals / p, vals * p)
+    return logits
+
+
+def mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf what top-k (k <= 0: off) and top-p (p = 1: off) exclude, row by row."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)  # (B, V)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)  # (B, 1)
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token, (B, V)
+    drop |= (before >= top_p.unsqueeze(1)) & (ranks > 0)
+    masked = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, masked)
+
+
+def sample_rows(
+    logits: torch.Tensor, seen: list[torch.Tensor], params: list[RowParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob under the sampling distribution: ((B,), (B,))."""
+    logits = apply_repetition_penalty(logits.float().clone(), seen, [p.repetition_penalty for p in params])
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)  # (B,)
+    greedy = temps == 0
+    scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)  # (B, V)
+    top_k = torch.tensor([p.top_k for p in params], device=logits.device)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
+    masked = mask_top_k_top_p(scaled, torch.where(greedy, 0, top_k), torch.where(greedy, 1.0, top_p))
+    logprobs = masked.log_softmax(dim=-1)  # (B, V)
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    for i, p in enumerate(params):
+        if p.temperature == 0:
+            tokens[i] = masked[i].argmax()
+        else:
+            tokens[i] = torch.multinomial(logprobs[i].exp(), 1, generator=p.generator)[0]
+    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,193 @@
+"""The Espalier HTTP server: OpenAI-compatible generation plus Arbor's GRPO job routes.
+
+`python -m espalier.inference.server --model ...` (or `espalier serve`) runs it; `create_app`
+builds the FastAPI app around a `ServedModel` for tests.
+
+Departures from Arbor:
+1. The server applies the chat template itself and hands token ids to the engine, so the
+   `prompt_token_ids` it returns are the ones that were sampled from.
+2. Binds 127.0.0.1 by default; an API key (`--api-key` or `ESPALIER_API_KEY`) is enforced
+   on every route but `/health` (401 without it).
+3. Every failure is a JSON error in OpenAI's shape: 400 for malformed JSON or impossible
+   sampling values, 404 for an unknown model, 413 for an oversize body, 503 when the engine
+   is down; every wait on the engine or trainer has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from espalier.inference import openai_api as oa
+from espalier.inference.chat import normalize_messages, prompt_ids
+from espalier.inference.engine import EngineError, EngineUnavailable
+from espalier.inference.serving import ServedModel, UnknownModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    request_timeout: float = 600.0
+    run_dir: Path = Path("runs/serve")
+    model_path: Path | None = None
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise oa.BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}", None, 413)
+    body = await request.body()
+    if len(body) > limit:
+        raise oa.BadRequest(f"request body of {len(body)} bytes exceeds the limit of {limit}", None, 413)
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise oa.BadRequest(f"malformed JSON body: {e}") from e
+    if not isinstance(data, dict):
+        raise oa.BadRequest("the JSON body must be an object")
+    return data
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(oa.error_body(message, status, param), status_code=status)
+
+
+def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="espalier")
+    app.state.served = served
+    app.state.settings = settings
+    app.state.job = None
+    tokenizer = served.engine.tokenizer  # type: ignore[attr-defined]
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if settings.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        return await call_next(request)
+
+    @app.exception_handler(oa.BadRequest)
+    async def bad_request(_: Request, e: oa.BadRequest):
+        return _error(e.status, str(e), e.param)
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(_: Request, e: UnknownModel):
+        return _error(404, str(e.args[0]), "model")
+
+    @app.exception_handler(EngineUnavailable)
+    async def engine_down(_: Request, e: EngineUnavailable):
+        return _error(503, f"the engine is unavailable: {e}; retry shortly, it is being restarted")
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError):
+        return _error(500, str(e))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engine_alive": served.engine.alive(), "model": served.model_id}
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": m, "object": "model", "owned_by": "espalier"} for m in served.model_names()]
+        return {"object": "list", "data": data}
+
+    async def _generate(body: dict[str, Any], prompt: list[int]):
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise oa.BadRequest("model must be a string", "model")
+        adapter = served.resolve(model)
+        request = oa.sampling_request(body, prompt, adapter, served.engine.max_model_len)
+        seqs = await run_in_threadpool(served.generate, request, settings.request_timeout)
+        return model, seqs
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_json(request, settings.max_body_bytes)
+        try:
+            messages = normalize_messages(body.get("messages"))
+            prompt = prompt_ids(tokenizer, messages, bool(body.get("continue_final_message", False)))
+        except ValueError as e:
+            raise oa.BadRequest(str(e), "messages") from e
+        model, seqs = await _generate(body, prompt)
+        return oa.chat_response(model, prompt, seqs, tokenizer, bool(body.get("logprobs")))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request, settings.max_body_bytes)
+        prompt = oa.completion_prompt(body, tokenizer)
+        model, seqs = await _generate(body, prompt)
+        return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") is not None)
+
+    from espalier.inference.grpo_routes import add_grpo_routes
+
+    add_grpo_routes(app)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="espalier serve", description="Serve a model (and its GRPO job) over HTTP.")
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="HF id, local HF dir or .gguf")
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 = a free port")
+    p.add_argument("--api-key", default=os.environ.get("ESPALIER_API_KEY"))
+    p.add_argument("--num-inference-gpus", type=int, default=0)
+    p.add_argument("--adapter", type=Path, default=None, help="serve this saved peft adapter as the current policy")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/serve"))
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--engine-start-timeout", type=float, default=900.0)
+    return p
+
+
+def build_app(args: argparse.Namespace) -> FastAPI:
+    from espalier.inference.factory import make_engine, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    engine = make_engine(path, args.engine, args.num_inference_gpus, args.engine_start_timeout)
+    served = ServedModel(engine, args.model, aliases=(str(path),))
+    if args.adapter is not None:
+        served.publish(args.adapter)
+    settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path)
+    return create_app(served, settings)
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """Run the server in the foreground (what `espalier serve` delegates to)."""
+    import socket
+
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    app = build_app(args)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    print(f"espalier: serving {args.model} on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30)).run(sockets=[sock])
+    finally:
+        if app.state.job is not None:
+            app.state.job.cancel()
+        app.state.served.engine.close()
+
+
+if __name__ == "__main__":
+    serve_main()

@@ -1,0 +1,206 @@
+"""The main job: `espalier run multihop`. Server, data, retriever, baseline, GRPO, summary.
+
+Everything the tutorial's notebook does by hand, with CPU-sized defaults (`RunOptions`),
+progress throughout, and a plain summary at the end (also written to `summary.json`).
+
+Departures from the tutorial:
+1. The LM's adapter is `PrefillChatAdapter` (the first output header prefilled), because a
+   135M model almost never writes DSPy's format cold; rollouts, validation and the returned
+   program all use it. `--adapter chat` restores DSPy's plain ChatAdapter.
+2. The default data is a generated world (offline); the tutorial's HoVer data is `--data hover:...`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+logger = logging.getLogger("espalier")
+
+
+@dataclass
+class RunOptions:
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    data: str = "synthetic"
+    corpus: str | None = None
+    engine: str = "auto"
+    steps: int = 12
+    examples_per_step: int = 4
+    rollouts_per_example: int = 6
+    num_docs: int = 3
+    num_hops: int = 2
+    max_tokens: int = 96
+    learning_rate: float = 2e-4
+    loss_type: str = "dapo"
+    lora_r: int = 8
+    batch_size: int = 8
+    grad_accum: int = 1
+    threads: int = 12
+    train_size: int = 300
+    dev_size: int = 40
+    val_every: int = 4
+    val_temperature: float = 0.0
+    temperature: float = 1.0
+    adapter: str = "prefill"
+    seed: int = 0
+    num_training_gpus: int = 0
+    num_inference_gpus: int = 0
+    report_to: str = "none"
+    run_dir: str | None = None
+    extra_train_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def train_kwargs_for(opts: RunOptions) -> dict[str, Any]:
+    """The recipe's train_kwargs, with CPU-sized values from the options."""
+    return {
+        "per_device_train_batch_size": opts.batch_size,
+        "gradient_accumulation_steps": opts.grad_accum,
+        "temperature": opts.temperature,
+        "top_k": -1,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "beta": 0.0,
+        "learning_rate": opts.learning_rate,
+        "gradient_checkpointing": False,
+        "bf16": True,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 2,
+        "loss_type": opts.loss_type,
+        "report_to": opts.report_to,
+        "log_completions": True,
+        "logging_steps": 1,
+        "max_prompt_length": None,
+        "max_completion_length": None,
+        "scale_rewards": False,
+        "max_grad_norm": 1.0,
+        "lora_config": {
+            "lora_alpha": 2 * opts.lora_r,
+            "lora_dropout": 0.05,
+            "r": opts.lora_r,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+        },
+        "num_training_gpus": opts.num_training_gpus,
+        "num_inference_gpus": opts.num_inference_gpus,
+        "weight_decay": 0.001,
+        **opts.extra_train_kwargs,
+    }
+
+
+def run_multihop(opts: RunOptions) -> dict[str, Any]:
+    """Run the whole job; returns (and writes) the summary."""
+    import espalier
+    from espalier.grpo import ArborGRPO
+    from espalier.program.adapter import PrefillChatAdapter
+    from espalier.program.provider import ArborProvider
+    from espalier.recipes.multihop import BM25Retriever, ResearchHop, load_multihop, recall
+
+    start = time.time()
+    run_dir = Path(opts.run_dir or Path("runs") / time.strftime("multihop-%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("run directory: %s", run_dir)
+
+    logger.info("loading data %r", opts.data)
+    data = load_multihop(opts.data, corpus=opts.corpus, seed=opts.seed, **_sizes(opts))
+    logger.info("data: %d train, %d dev, %d test claims; %d passages", *map(len, (data.train, data.dev, data.test, data.corpus)))
+    search = BM25Retriever(data.corpus)
+
+    logger.info("starting the Espalier server (model %s, engine %s)", opts.model, opts.engine)
+    server = espalier.init(model=opts.model, engine=opts.engine, num_inference_gpus=opts.num_inference_gpus,
+                           run_dir=str(run_dir / "server"))
+    lm = dspy.LM(
+        model=f"openai/arbor:{server['model']}",
+        provider=ArborProvider(),
+        api_base=server["base_url"],
+        api_key=server.get("api_key") or "local",
+        temperature=opts.temperature,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        max_tokens=opts.max_tokens,
+        num_retries=0,
+    )
+    adapter = PrefillChatAdapter() if opts.adapter == "prefill" else dspy.ChatAdapter(use_json_adapter_fallback=False)
+    program = ResearchHop(num_docs=opts.num_docs, num_hops=opts.num_hops, search=search)
+    program.set_lm(lm)
+
+    compiler = ArborGRPO(
+        metric=recall,
+        num_dspy_examples_per_grpo_step=opts.examples_per_step,
+        num_rollouts_per_grpo_step=opts.rollouts_per_example,
+        exclude_demos=True,
+        num_train_steps=opts.steps,
+        num_threads=opts.threads,
+        use_train_as_val=False,
+        num_steps_for_val=opts.val_every,
+        train_kwargs=train_kwargs_for(opts),
+        checkpoint="single-best",
+        seed=opts.seed,
+        adapter=adapter,
+        variably_invoked_predictor_grouping_mode="ragged",
+        val_temperature=opts.val_temperature,
+        run_dir=str(run_dir),
+    )
+    with dspy.context(adapter=adapter):
+        optimized = compiler.compile(student=program, trainset=data.train, valset=data.dev)
+    optimized.save(str(run_dir / "program.json"))
+    summary = _summary(opts, compiler.history, run_dir, server, time.time() - start, optimized)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _sizes(opts: RunOptions) -> dict[str, int]:
+    return {"train_size": opts.train_size, "dev_size": opts.dev_size}
+
+
+def _summary(opts: RunOptions, history: list[dict], run_dir: Path, server: dict, wall: float, program) -> dict:
+    vals = [h for h in history if h["kind"] == "val"]
+    steps = [h for h in history if h["kind"] == "step"]
+    base, best = vals[0] if vals else {}, max(vals, key=lambda h: h["score"]) if vals else {}
+    return {
+        "options": asdict(opts),
+        "baseline_dev_recall": base.get("score"),
+        "final_dev_recall": vals[-1]["score"] if vals else None,
+        "best_dev_recall": best.get("score"),
+        "best_step": best.get("step"),
+        "baseline_format_failure_rate": base.get("format_failure_rate"),
+        "final_format_failure_rate": vals[-1]["format_failure_rate"] if vals else None,
+        "steps": len(steps),
+        "train_reward_first": steps[0]["reward/mean"] if steps else None,
+        "train_reward_last": steps[-1]["reward/mean"] if steps else None,
+        "wall_time_s": wall,
+        "served_model": program.predictors()[0].lm.model,
+        "run_dir": str(run_dir),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "completions": str(run_dir / "completions.jsonl"),
+        "program": str(run_dir / "program.json"),
+        "server": server.get("base_url"),
+        "validation": vals,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        "",
+        "=== espalier run multihop: summary ===",
+        f"dev recall:        baseline {pct(s['baseline_dev_recall'])} -> final {pct(s['final_dev_recall'])} "
+        f"(best {pct(s['best_dev_recall'])} at step {s['best_step']})",
+        f"format failures:   baseline {pct(s['baseline_format_failure_rate'])} -> final "
+        f"{pct(s['final_format_failure_rate'])}",
+        f"train reward:      first step {s['train_reward_first'] or 0:.3f} -> last step {s['train_reward_last'] or 0:.3f}",
+        f"steps:             {s['steps']} GRPO steps in {s['wall_time_s'] / 60:.1f} min",
+        f"returned program:  serves {s['served_model']} (saved to {s['program']})",
+        f"metrics:           {s['metrics']}",
+        f"sampled outputs:   {s['completions']}",
+        f"checkpoints:       {s['run_dir']}/server",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Tokenised training batches: exactly the sampled ids, prompts left-padded, completions right-padded.
+
+Departures from TRL / Arbor:
+1. Nothing is re-tokenised: a sequence is the engine's prompt ids followed by its completion
+   ids (Arbor re-renders both with another adapter).
+2. Truncation is counted, never silent: prompts lose tokens from the left (the end of the
+   prompt is what the completion follows), completions from the right.
+3. Left-padded prompts put every completion at the same columns, so the model only computes
+   logits for the completion block (`logits_to_keep`), never for prompt positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from espalier.types import Group
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    reward: float
+    advantage: float
+    old_logprobs: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class Truncation:
+    prompts: int = 0
+    completions: int = 0
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, P + C) left-padded prompt, then right-padded completion
+    attention_mask: torch.Tensor  # (B, P + C)
+    position_ids: torch.Tensor  # (B, P + C) positions that skip the left padding
+    completion_ids: torch.Tensor  # (B, C)
+    completion_mask: torch.Tensor  # (B, C) float, 1 on real completion tokens
+    advantages: torch.Tensor  # (B,)
+    indices: list[int]  # positions of these sequences in the step's list
+
+    @property
+    def completion_width(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return MicroBatch(**moved)
+
+
+def build_sequences(
+    groups: Sequence[Group],
+    advantages: Sequence[float],
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+) -> tuple[list[TrainSequence], Truncation]:
+    """Flatten groups into sequences (group order, then sample order), truncating as configured."""
+    samples = [s for g in groups for s in g.samples]
+    out, cut_prompts, cut_completions = [], 0, 0
+    for sample, advantage in zip(samples, advantages, strict=True):
+        prompt, completion, logprobs = sample.prompt_ids, sample.completion_ids, sample.logprobs
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            prompt, cut_prompts = prompt[len(prompt) - max_prompt_length :], cut_prompts + 1
+        if max_completion_length is not None and len(completion) > max_completion_length:
+            completion, cut_completions = completion[:max_completion_length], cut_completions + 1
+            logprobs = None if logprobs is None else logprobs[:max_completion_length]
+        out.append(TrainSequence(prompt, completion, sample.reward, advantage, logprobs))
+    return out, Truncation(cut_prompts, cut_completions)
+
+
+def collate(sequences: Sequence[TrainSequence], indices: Sequence[int], pad_id: int) -> MicroBatch:
+    """Pad a list of sequences into one micro-batch (see module docstring for the layout)."""
+    width_p = max(len(s.prompt_ids) for s in sequences)
+    width_c = max(len(s.completion_ids) for s in sequences)
+    rows, masks, completions, completion_masks = [], [], [], []
+    for s in sequences:
+        pad_left, pad_right = width_p - len(s.prompt_ids), width_c - len(s.completion_ids)
+        rows.append([pad_id] * pad_left + list(s.prompt_ids) + list(s.completion_ids) + [pad_id] * pad_right)
+        masks.append([0] * pad_left + [1] * (len(s.prompt_ids) + len(s.completion_ids)) + [0] * pad_right)
+        completions.append(list(s.completion_ids) + [pad_id] * pad_right)
+        completion_masks.append([1.0] * len(s.completion_ids) + [0.0] * pad_right)
+    attention_mask = torch.tensor(masks)  # (B, P + C)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P + C)
+    return MicroBatch(
+        input_ids=torch.tensor(rows),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        completion_ids=torch.tensor(completions),
+        completion_mask=torch.tensor(completion_masks),
+        advantages=torch.tensor([s.advantage for s in sequences], dtype=torch.float32),
+        indices=list(indices),
+    )
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive slices of `size` (the last may be short)."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]

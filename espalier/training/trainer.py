@@ -1,0 +1,257 @@
+"""The GRPO trainer: LoRA policy updates on exactly the sampled tokens.
+
+One `train_step(groups)` reads top to bottom: advantages per group, sequences (truncated and
+counted), the step's sequences cut into optimizer batches of
+`per_device_train_batch_size x gradient_accumulation_steps x processes`, each process's share
+cut into micro-batches, then forward / clipped loss / backward per micro-batch and one AdamW
+update per optimizer batch.
+
+Departures from the paper / TRL / Arbor:
+1. Every sample of every group is trained on; the last optimizer batch may be short (Arbor
+   trains one group per optimizer step and discards most rollouts).
+2. The "old" policy is the one that sampled: the engine's sampling log-probs when given;
+   otherwise the pre-update policy's, computed once before the step's first update (eval
+   mode, i.e. no LoRA dropout), except for the step's first optimizer batch, where the
+   pre-update policy is the current one and its log-probs are taken from the same forward
+   pass (detached; ratio exactly 1, as TRL does), which saves a forward.
+3. Log-probs are taken at the sampling temperature (logits / temperature), in fp32 even
+   under bf16 autocast.
+4. The KL reference is the adapter-free base model (peft `disable_adapter()`), computed only
+   when beta > 0; there is no reference copy of the weights.
+5. Gradient accumulation: losses are normalised by counts of the whole optimizer batch (see
+   losses.py), gradients are summed over micro-batches and processes, never averaged.
+6. `max_steps` caps optimizer steps for the trainer's lifetime; once reached, `train_step`
+   stops and says so (`extra["max_steps_reached"]`, `extra["sequences_not_trained"]`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from espalier.config import TrainConfig
+from espalier.models import load_causal_lm
+from espalier.training.advantages import compute_advantages
+from espalier.training.batch import MicroBatch, TrainSequence, build_sequences, chunks, collate
+from espalier.training.checkpoint import atomic_directory
+from espalier.training.distributed import Processes, SingleProcess
+from espalier.training.lora import apply_lora
+from espalier.training.losses import REDUCTIONS, Normalizer, clip_fractions, selective_log_softmax, token_loss
+from espalier.training.optim import build_optimizer, build_scheduler
+from espalier.types import Group, StepMetrics
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class GRPOTrainer:
+    def __init__(
+        self, model_path: Path | str, config: TrainConfig, device: str = "cpu", processes: Processes | None = None
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.processes = processes or SingleProcess()
+        self.model_path = str(model_path)
+        torch.manual_seed(config.seed)  # same seed on every process: identical LoRA init
+        base = load_causal_lm(model_path, torch.float32)  # fp32 master weights; bf16 is autocast only
+        pad = base.config.pad_token_id if base.config.pad_token_id is not None else base.config.eos_token_id
+        self.pad_id = int(pad[0] if isinstance(pad, list) else pad or 0)
+        if config.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()  # peft: frozen embeddings still need an input that requires grad
+        self.model = apply_lora(base, config.lora_config, self.model_path).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.reduce = REDUCTIONS[config.loss_type]
+        self.optimizer_steps = 0
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def train_step(self, groups: Sequence[Group]) -> list[StepMetrics]:
+        """Train on every sample of every group; one StepMetrics per optimizer step."""
+        cfg, world = self.config, self.processes.world_size
+        advantages = compute_advantages(groups, cfg.scale_rewards)
+        sequences, truncation = build_sequences(groups, advantages, cfg.max_prompt_length, cfg.max_completion_length)
+        batches = chunks(range(len(sequences)), cfg.total_batch_size * world)
+        room = math.inf if cfg.max_steps is None else max(cfg.max_steps - self.optimizer_steps, 0)
+        trained, skipped = batches[: int(min(room, len(batches)))], batches[int(min(room, len(batches))) :]
+        old = self._old_logprobs(sequences, [i for b in trained[1:] for i in b[self.processes.rank :: world]])
+        metrics = [self._optimizer_step(sequences, batch, old) for batch in trained]
+        extra = {"truncated_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions)}
+        if skipped or room == 0:
+            extra |= {"max_steps_reached": 1.0, "sequences_not_trained": float(sum(len(b) for b in skipped))}
+            metrics = metrics or [self._empty_metrics(sequences)]
+        for m in metrics:
+            m.extra.update(extra)
+        return metrics
+
+    def _optimizer_step(self, sequences: list[TrainSequence], batch: list[int], old: dict[int, torch.Tensor]):
+        cfg, procs = self.config, self.processes
+        start = time.perf_counter()
+        world = procs.world_size
+        shard = batch[procs.rank :: world]  # this process's sequences
+        micro = chunks(shard, cfg.per_device_train_batch_size)
+        lengths = [len(sequences[i].completion_ids) for i in batch]
+        norm = Normalizer(
+            num_sequences=len(batch),
+            num_tokens=sum(lengths),
+            num_micro_batches=sum(len(chunks(batch[r::world], cfg.per_device_train_batch_size)) for r in range(world)),
+            fixed_length=cfg.max_completion_length or max(lengths),
+        )
+        self.model.train()
+        # loss, low-clipped, high-clipped, kl sum, completion tokens, all tokens (this process)
+        stats = torch.zeros(6, dtype=torch.float64)
+        for indices in micro:
+            mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
+            with self._autocast():
+                logp = self._logprobs(mb)  # (B, C)
+                ref = self._reference_logprobs(mb) if cfg.beta > 0 else None  # (B, C) | None
+            old_logp = self._stack_old(old, mb, logp.detach())  # (B, C)
+            mask = mb.completion_mask  # (B, C)
+            terms = token_loss(logp, old_logp, mb.advantages, cfg.epsilon, cfg.epsilon_high, ref, cfg.beta)
+            loss = self.reduce(terms.loss, mask, norm)
+            loss.backward()
+            low, high = clip_fractions(terms.ratio.detach(), mb.advantages, mask, cfg.epsilon, cfg.epsilon_high)
+            kl = (terms.kl.detach() * mask).sum().item()
+            stats += torch.tensor([loss.item(), low, high, kl, mask.sum().item(), mb.attention_mask.sum().item()])
+        self._sum_gradients()
+        stats = procs.sum_(stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        loss, low, high, kl, tokens, all_tokens = stats.tolist()
+        rewards = torch.tensor([sequences[i].reward for i in batch], dtype=torch.float64)  # (N,)
+        advs = torch.tensor([sequences[i].advantage for i in batch], dtype=torch.float64)  # (N,)
+        return StepMetrics(
+            step=self.optimizer_steps,
+            loss=loss,
+            reward_mean=rewards.mean().item(),
+            reward_std=rewards.std(unbiased=False).item(),
+            advantage_std=advs.std(unbiased=False).item(),
+            clip_ratio_low=low / tokens,
+            clip_ratio_high=high / tokens,
+            kl=kl / tokens,
+            completion_length_mean=sum(lengths) / len(lengths),
+            completion_length_max=float(max(lengths)),
+            tokens_per_second=all_tokens / (time.perf_counter() - start),
+            grad_norm=grad_norm.item(),
+            learning_rate=learning_rate,
+            num_sequences=len(batch),
+            extra={"completion_tokens": tokens, "micro_batches": float(norm.num_micro_batches)},
+        )
+
+    # ---- pieces ---------------------------------------------------------------------------
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        """Log-probs (B, C) of the completion tokens at the sampling temperature; no prompt logits are computed."""
+        width = mb.completion_width
+        out = self.model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            logits_to_keep=width + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1].float() / self.config.temperature  # (B, C, V): position t predicts token t + 1
+        return selective_log_softmax(logits, mb.completion_ids)  # (B, C)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
+        with self.model.disable_adapter():
+            return self._logprobs(mb)  # (B, C)
+
+    @torch.no_grad()
+    def _old_logprobs(self, sequences: list[TrainSequence], needed: list[int]) -> dict[int, torch.Tensor]:
+        """Sampling log-probs where given; the pre-update policy's for `needed` sequences lacking them."""
+        old = {i: torch.tensor(s.old_logprobs) for i, s in enumerate(sequences) if s.old_logprobs is not None}
+        missing = [i for i in needed if i not in old]
+        if not missing:
+            return old
+        self.model.eval()
+        for indices in chunks(missing, self.config.per_device_train_batch_size):
+            mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
+            with self._autocast():
+                logp = self._logprobs(mb).cpu()  # (B, C)
+            for row, i in enumerate(indices):
+                old[i] = logp[row, : len(sequences[i].completion_ids)]
+        return old
+
+    @staticmethod
+    def _stack_old(old: dict[int, torch.Tensor], mb: MicroBatch, current: torch.Tensor) -> torch.Tensor:
+        """(B, C) old log-probs; rows without any are the current (pre-update) policy's, detached."""
+        rows = []
+        for row, i in enumerate(mb.indices):
+            if i not in old:
+                rows.append(current[row])
+                continue
+            given = old[i].to(current.device, torch.float32)
+            rows.append(torch.cat([given, current.new_zeros(current.shape[1] - given.numel())]))
+        return torch.stack(rows)  # (B, C)
+
+    def _sum_gradients(self) -> None:
+        if self.processes.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.processes.sum_(torch.cat([g.reshape(-1) for g in grads]))  # (num trainable,)
+        offset = 0
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+
+    def _empty_metrics(self, sequences: list[TrainSequence]) -> StepMetrics:
+        lr = self.scheduler.get_last_lr()[0]
+        return StepMetrics(self.optimizer_steps, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, lr, 0)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def export_adapter(self, directory: Path | str) -> Path:
+        """Write the adapter in peft's layout (adapter_config.json + adapter_model.safetensors), atomically."""
+        directory = Path(directory)
+        if self.processes.rank == 0:
+            with atomic_directory(directory) as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+        self.processes.barrier()
+        return directory
+
+    def save_checkpoint(self, directory: Path | str) -> None:
+        """Adapter + optimizer + scheduler + RNG + step counter, atomically."""
+        directory = Path(directory)
+        if self.processes.rank == 0:
+            with atomic_directory(directory) as tmp:
+                self.model.save_pretrained(tmp / "adapter", safe_serialization=True)
+                torch.save(
+                    {
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate(),
+                    },
+                    tmp / "trainer_state.pt",
+                )
+                (tmp / "trainer_state.json").write_text(json.dumps({"optimizer_steps": self.optimizer_steps}))
+        self.processes.barrier()
+
+    def load_checkpoint(self, directory: Path | str) -> None:
+        import peft
+
+        directory = Path(directory)
+        peft.set_peft_model_state_dict(self.model, load_file(directory / "adapter" / ADAPTER_WEIGHTS))
+        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.optimizer_steps = json.loads((directory / "trainer_state.json").read_text())["optimizer_steps"]

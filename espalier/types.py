@@ -1,0 +1,107 @@
+"""The data that crosses Espalier's package boundaries.
+
+The compiler (user process) produces `LMCall`s and `Rollout`s, turns them into `Group`s of
+`Sample`s and sends them to the GRPO job; the trainer consumes `Group`s and returns
+`StepMetrics`. Everything here is plain, immutable and JSON-friendly (`to_dict` /
+`from_dict`) so it crosses the HTTP boundary unchanged.
+
+Departures from DSPy/Arbor:
+1. A sample carries the exact prompt and completion token ids that the engine sampled
+   (Arbor carries chat messages and re-renders them with another adapter).
+2. A sample may carry the sampling log-probs of its completion tokens, so importance
+   ratios are taken against the policy that actually sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LMCall:
+    """One call of one predictor to the model, exactly as sampled."""
+
+    predictor: str  # the predictor's name in the program, e.g. "append_notes.predict"
+    invocation: int  # 0 for the predictor's first call in a run, 1 for its second, ...
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None  # one per completion token, at the sampling temperature
+    messages: tuple[dict[str, str], ...] = ()  # the chat messages, for logs and Arbor-compatible clients
+    completion_text: str = ""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One run of the program on one example: its calls, reward and what went wrong."""
+
+    example_index: int
+    calls: tuple[LMCall, ...]
+    reward: float
+    failure: str | None = None  # None for a clean run; else "format: ..." or "error: ..."
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sequence: prompt + completion token ids and the reward of its run."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    reward: float
+    logprobs: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.completion_ids:
+            raise ValueError("a Sample needs at least one completion token")
+        if self.logprobs is not None and len(self.logprobs) != len(self.completion_ids):
+            raise ValueError(
+                f"logprobs has {len(self.logprobs)} entries for {len(self.completion_ids)} completion tokens"
+            )
+
+
+@dataclass(frozen=True)
+class Group:
+    """Samples that answer the same prompt slot (example, predictor, invocation): the GRPO group."""
+
+    samples: tuple[Sample, ...]
+    key: str = ""  # e.g. "ex12/append_notes.predict/0", for logs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "samples": [asdict(s) for s in self.samples]}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Group:
+        samples = tuple(
+            Sample(
+                prompt_ids=tuple(s["prompt_ids"]),
+                completion_ids=tuple(s["completion_ids"]),
+                reward=float(s["reward"]),
+                logprobs=None if s.get("logprobs") is None else tuple(s["logprobs"]),
+            )
+            for s in data["samples"]
+        )
+        return Group(samples=samples, key=data.get("key", ""))
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step reports. Floats only, so it logs anywhere."""
+
+    step: int
+    loss: float
+    reward_mean: float
+    reward_std: float
+    advantage_std: float
+    clip_ratio_low: float
+    clip_ratio_high: float
+    kl: float
+    completion_length_mean: float
+    completion_length_max: float
+    tokens_per_second: float
+    grad_norm: float
+    learning_rate: float
+    num_sequences: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,167 @@
+"""The trainer on a tiny random Llama: loss conventions, exact tokens, no prompt gradient, caps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from espalier.config import TrainConfig
+from espalier.training import GRPOTrainer
+from espalier.types import Group, Sample
+
+NO_DROPOUT = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+
+
+def _trainer(model_dir: Path, **kwargs) -> GRPOTrainer:
+    base = {"learning_rate": 1e-2, "lora_config": NO_DROPOUT, "scale_rewards": "none"}
+    return GRPOTrainer(model_dir, TrainConfig.from_kwargs(base | kwargs))
+
+
+# Two groups; rewards give advantages (r - group mean) of +-1 and +-0.5; completion lengths 1..4.
+GROUPS = [
+    Group((Sample((5, 6, 7), (10, 11), 2.0), Sample((5, 6, 7), (12,), 0.0)), key="a"),
+    Group((Sample((8, 9), (13, 14, 15, 16), 1.0), Sample((8, 9), (17, 18, 19), 0.0)), key="b"),
+]
+ADV_LEN = [(1.0, 2), (-1.0, 1), (0.5, 4), (-0.5, 3)]
+
+
+def _first_step_hand_loss(loss_type: str, micro: int) -> float:
+    """Ratio is exactly 1 on the first optimizer batch, so l_it = -A_i; the reductions by hand."""
+    n, tokens = len(ADV_LEN), sum(length for _, length in ADV_LEN)
+    if loss_type == "grpo":
+        return sum(-a for a, _ in ADV_LEN) / n  # per-sequence mean of -A_i is -A_i
+    if loss_type == "dapo":
+        return sum(-a * length for a, length in ADV_LEN) / tokens
+    if loss_type == "dr_grpo":
+        return sum(-a * length for a, length in ADV_LEN) / (4 * n)  # the longest completion, 4, is L
+    parts = [ADV_LEN[i : i + micro] for i in range(0, n, micro)]  # bnpo: token mean per micro-batch
+    return sum(sum(-a * ln for a, ln in p) / sum(ln for _, ln in p) for p in parts) / len(parts)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize(("batch", "accumulation"), [(1, 4), (3, 2)])
+def test_first_step_loss_by_hand(tiny_llama_dir: Path, loss_type: str, batch: int, accumulation: int) -> None:
+    trainer = _trainer(
+        tiny_llama_dir, loss_type=loss_type, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation
+    )
+    [metrics] = trainer.train_step(GROUPS)
+    assert metrics.loss == pytest.approx(_first_step_hand_loss(loss_type, batch), abs=1e-6)
+    assert metrics.num_sequences == 4 and metrics.extra["micro_batches"] == -(-4 // batch)
+    assert metrics.extra["completion_tokens"] == 10 and metrics.completion_length_max == 4
+    assert metrics.reward_mean == pytest.approx(0.75) and metrics.clip_ratio_low == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_update_does_not_depend_on_micro_batching(tiny_llama_dir: Path, loss_type: str) -> None:
+    weights = []
+    for batch, accumulation in [(4, 1), (1, 4), (3, 2)]:
+        trainer = _trainer(
+            tiny_llama_dir, loss_type=loss_type, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation
+        )
+        trainer.train_step(GROUPS)
+        weights.append(torch.cat([p.detach().reshape(-1) for p in trainer.params]))
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weights[0], weights[2], atol=1e-6, rtol=1e-5)
+
+
+def test_trained_tokens_are_the_sampled_ones_and_prompts_get_no_gradient(tiny_llama_dir: Path) -> None:
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=4)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab_inputs(module, args, kwargs):
+        seen["input_ids"], seen["mask"] = kwargs["input_ids"], kwargs["attention_mask"]
+
+    def grab_logits(module, args, output):
+        output.retain_grad()
+        seen["logits"] = output
+
+    llama = trainer.model.get_base_model()
+    llama.register_forward_pre_hook(grab_inputs, with_kwargs=True)
+    llama.lm_head.register_forward_hook(grab_logits)
+    trainer.train_step(GROUPS)
+
+    rows = [[s.prompt_ids, s.completion_ids] for g in GROUPS for s in g.samples]
+    for row, (ids, mask) in enumerate(zip(seen["input_ids"].tolist(), seen["mask"].tolist(), strict=True)):
+        prompt, completion = rows[row]
+        real = [t for t, m in zip(ids, mask, strict=True) if m]
+        assert real == list(prompt) + list(completion)  # exactly the sampled ids, nothing re-tokenised
+        assert ids[3 : 3 + len(completion)] == list(completion)  # completions start at the same column
+    # Logits exist only for the completion block (C + 1 = 5 positions): prompt tokens are never predicted.
+    logits = seen["logits"]  # (B, C + 1, V)
+    assert logits.shape[:2] == (4, 5)
+    grad_rows = logits.grad.abs().sum(-1)  # (B, C + 1)
+    lengths = [len(c) for _, c in rows]
+    for row, length in enumerate(lengths):
+        assert (grad_rows[row, :length] > 0).all()  # every completion token is trained on
+        assert (grad_rows[row, length:] == 0).all()  # padding and the position after the last token: exactly 0
+
+
+def test_completion_logprobs_equal_a_full_forward(tiny_llama_dir: Path) -> None:
+    from espalier.training.batch import build_sequences, collate
+
+    trainer = _trainer(tiny_llama_dir, temperature=0.7)
+    sequences, _ = build_sequences(GROUPS, [0.0] * 4, None, None)
+    mb = collate(sequences, range(4), trainer.pad_id)
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer._logprobs(mb)  # (B, C)
+        for row, s in enumerate(sequences):
+            ids = torch.tensor([list(s.prompt_ids) + list(s.completion_ids)])
+            logp = torch.log_softmax(trainer.model(input_ids=ids).logits[0] / 0.7, -1)  # (T, V), unpadded
+            p = len(s.prompt_ids)
+            expected = [logp[p - 1 + t, tok].item() for t, tok in enumerate(s.completion_ids)]
+            assert ours[row, : len(expected)].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_sampling_logprobs_are_the_old_policy(tiny_llama_dir: Path) -> None:
+    shifted = [
+        Group(tuple(Sample(s.prompt_ids, s.completion_ids, s.reward, logprobs=(-50.0,) * len(s.completion_ids)) for s in g.samples))
+        for g in GROUPS
+    ]
+    [metrics] = _trainer(tiny_llama_dir, per_device_train_batch_size=4).train_step(shifted)
+    # ratio = exp(logp + 50) is huge: every positive-advantage token is clipped high, no negative one low.
+    assert metrics.clip_ratio_high == pytest.approx((2 + 4) / 10)
+    assert metrics.clip_ratio_low == 0.0
+
+
+def test_every_sample_is_trained_and_max_steps_caps(tiny_llama_dir: Path) -> None:
+    groups = GROUPS * 3  # 12 sequences, optimizer batches of 5 -> 5, 5, 2
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=5, max_steps=4, beta=0.1)
+    first = trainer.train_step(groups)
+    assert [m.num_sequences for m in first] == [5, 5, 2] and trainer.optimizer_steps == 3
+    assert [m.step for m in first] == [1, 2, 3] and first[1].kl > 0
+    second = trainer.train_step(groups)
+    assert [m.num_sequences for m in second] == [5] and trainer.optimizer_steps == 4
+    assert second[-1].extra["max_steps_reached"] == 1.0 and second[-1].extra["sequences_not_trained"] == 7
+    third = trainer.train_step(groups)
+    assert trainer.optimizer_steps == 4 and third[0].num_sequences == 0
+    assert third[0].extra["sequences_not_trained"] == 12
+
+
+def test_truncation_is_counted(tiny_llama_dir: Path) -> None:
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=4, max_prompt_length=2, max_completion_length=3)
+    [metrics] = trainer.train_step(GROUPS)
+    assert metrics.extra["truncated_prompts"] == 2 and metrics.extra["truncated_completions"] == 1
+    assert metrics.completion_length_max == 3 and metrics.extra["completion_tokens"] == 9
+
+
+@pytest.mark.parametrize("options", [{"bf16": True}, {"gradient_checkpointing": True, "beta": 0.05}])
+def test_bf16_and_checkpointing_train(tiny_llama_dir: Path, options: dict) -> None:
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=2, **options)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.params])
+    metrics = trainer.train_step(GROUPS)
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.params])
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert metrics[0].grad_norm > 0 and not torch.equal(before, after)
+
+
+def test_schedulers_warm_up_and_decay(tiny_llama_dir: Path) -> None:
+    trainer = _trainer(
+        tiny_llama_dir, per_device_train_batch_size=1, lr_scheduler_type="linear", warmup_steps=2, max_steps=6
+    )
+    lrs = [m.learning_rate for m in trainer.train_step(GROUPS)]
+    assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2 * 3 / 4])
+    with pytest.raises(ValueError, match="max_steps"):
+        _trainer(tiny_llama_dir, lr_scheduler_type="cosine")
