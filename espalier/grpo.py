@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,45 +104,57 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         **kwargs: Any,
     ) -> dspy.Module:
         cfg = self.config
-        valset = self._validation_set(trainset, valset)
         lm = _single_lm(student)
         sampling = check_sampling_agreement(lm.kwargs, self.train_kwargs)
-        teachers = _teachers(teacher, student)
         run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S"))
-        tracker = make_tracker(self.train_config.report_to, run_dir, {**asdict(cfg), **self.train_kwargs})
         self._report_plan(student, trainset)
-
-        job = lm.reinforce(train_kwargs=self.train_kwargs)
         overrides = {**sampling, "logprobs": True}
-        programs = [rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *teachers]]
-        predictors = [name for name, _ in student.named_predictors()]
-        best = _Best()
+        run = _Session(
+            student=student,
+            lm=lm,
+            trainset=list(trainset),
+            valset=self._validation_set(trainset, valset),
+            programs=[rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *_teachers(teacher, student)]],
+            predictors=[name for name, _ in student.named_predictors()],
+            tracker=make_tracker(self.train_config.report_to, run_dir, {**asdict(cfg), **self.train_kwargs}),
+            job=lm.reinforce(train_kwargs=self.train_kwargs),
+        )
         try:
-            self._validate(student, lm, valset, trainset, 0, best, job, tracker)
-            for step in range(cfg.num_train_steps):
-                record = self._train_step(step, programs, predictors, trainset, job)
-                tracker.log(record["metrics"], step + 1)
-                if self.train_config.log_completions and step % max(self.train_config.logging_steps, 1) == 0:
-                    tracker.log_table("completions", record["completions"], step + 1)
-                if record["capped"]:
-                    logger.info("max_steps=%d optimizer steps reached: stopping", self.train_config.max_steps)
-                    self._validate(student, lm, valset, trainset, step + 1, best, job, tracker)
-                    break
-                if (step + 1) % cfg.num_steps_for_val == 0 or step + 1 == cfg.num_train_steps:
-                    self._validate(student, lm, valset, trainset, step + 1, best, job, tracker)
-            final = self._finish(student, lm, job, best)
+            self._validate(run, 0)
+            done = self._loop(run)
+            if run.last_validated != done:
+                self._validate(run, done)
+            return self._finish(run)
         finally:
-            tracker.close()
-            _terminate(job)
-        return final
+            run.tracker.close()
+            _terminate(run.job)
+
+    def _loop(self, run: _Session) -> int:
+        """GRPO steps until num_train_steps, max_steps or Ctrl-C; returns the steps done."""
+        cfg, done = self.config, 0
+        try:
+            for step in range(cfg.num_train_steps):
+                record = self._train_step(step, run)
+                done = step + 1
+                run.tracker.log(record["metrics"], done)
+                if self.train_config.log_completions and step % self.train_config.logging_steps == 0:
+                    run.tracker.log_table("completions", record["completions"], done)
+                if record["capped"]:
+                    logger.info("max_steps=%s optimizer steps reached: stopping", self.train_config.max_steps)
+                    break
+                if done % cfg.num_steps_for_val == 0:
+                    self._validate(run, done)
+        except KeyboardInterrupt:
+            logger.warning("interrupted after %d steps: validating and returning the best checkpoint so far", done)
+        return done
 
     # ----------------------------------------------------------------------------------------
-    def _train_step(self, step, programs, predictors, trainset, job) -> dict[str, Any]:
+    def _train_step(self, step: int, run: _Session) -> dict[str, Any]:
         cfg = self.config
         t0 = time.perf_counter()
-        examples = self._draw(trainset)
+        examples = self._draw(run.trainset)
         rollouts = run_rollouts(
-            programs,
+            run.programs,
             examples,
             cfg.num_rollouts_per_grpo_step,
             self.metric,
@@ -155,16 +167,18 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         t1 = time.perf_counter()
         groups = build_groups(
             rollouts,
-            predictors,
+            run.predictors,
             cfg.variably_invoked_predictor_grouping_mode,
             cfg.variably_invoked_predictor_fill_strategy,
             self.rng,
         )
-        train = job.step_groups(groups) if groups else {"metrics": [], "capped": False}
+        train = run.job.step_groups(groups) if groups else {"metrics": [], "capped": False}
         t2 = time.perf_counter()
         metrics = _step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
         self.history.append({"kind": "step", "step": step + 1, **metrics})
-        logger.info(_step_line(step + 1, cfg.num_train_steps, metrics))
+        seconds = [h["time/rollouts_s"] + h["time/train_s"] for h in self.history if h["kind"] == "step"]
+        eta = sum(seconds) / len(seconds) * (cfg.num_train_steps - step - 1)
+        logger.info("%s, about %s left", _step_line(step + 1, cfg.num_train_steps, metrics), _duration(eta))
         return {"metrics": metrics, "completions": _completion_rows(rollouts), "capped": bool(train.get("capped"))}
 
     def _draw(self, trainset: Sequence[dspy.Example]) -> list[tuple[int, dspy.Example]]:
@@ -200,18 +214,19 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             )
         return None
 
-    def _validate(self, student, lm, valset, trainset, step, best, job, tracker) -> None:
-        if valset is None:
+    def _validate(self, run: _Session, step: int) -> None:
+        run.last_validated = step
+        if run.valset is None:
             return
         cfg = self.config
-        model = lm.model if step > 0 else _model_variant(lm.model, "base")
-        program = _served_program(student, lm, model, cfg)
-        result = evaluate(program, valset, self.metric, cfg.num_threads, self.adapter, desc=f"validation @ step {step}")
+        model = run.lm.model if step > 0 else _model_variant(run.lm.model, "base")
+        program = _served_program(run.student, run.lm, model, cfg)
+        result = evaluate(program, run.valset, self.metric, cfg.num_threads, self.adapter, desc=f"validation @ step {step}")
         metrics = {f"val/{k}": v for k, v in result.to_dict().items()}
         if cfg.report_train_scores and not cfg.use_train_as_val:
-            train_result = evaluate(program, trainset, self.metric, cfg.num_threads, self.adapter, desc="train score")
+            train_result = evaluate(program, run.trainset, self.metric, cfg.num_threads, self.adapter, desc="train score")
             metrics.update({f"train/{k}": v for k, v in train_result.to_dict().items()})
-        tracker.log(metrics, step)
+        run.tracker.log(metrics, step)
         self.history.append({"kind": "val", "step": step, **result.to_dict()})
         logger.info(
             "validation @ step %d: score %.3f, format failures %.0f%%, errors %.0f%% (%d examples)",
@@ -221,28 +236,26 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             100 * result.error_rate,
             result.num_examples,
         )
-        self._keep(step, result, best, job)
+        self._keep(step, result, run)
 
-    def _keep(self, step: int, result: EvalResult, best: _Best, job) -> None:
-        if self.config.checkpoint not in ("single-best", "improvements") or result.score <= best.score:
+    def _keep(self, step: int, result: EvalResult, run: _Session) -> None:
+        if self.config.checkpoint not in ("single-best", "improvements") or result.score <= run.best_score:
             return
         name = "base" if step == 0 else f"step-{step}"
         if step > 0:
-            job.save_checkpoint(name)
-        best.score, best.step, best.name = result.score, step, name
+            run.job.save_checkpoint(name)
+        run.best_score, run.best_step, run.best_name = result.score, step, name
         logger.info("new best validation score %.3f at step %d (checkpoint %s)", result.score, step, name)
 
-    def _finish(self, student, lm, job, best: _Best) -> dspy.Module:
-        mode = self.config.checkpoint
+    def _finish(self, run: _Session) -> dspy.Module:
+        mode, model = self.config.checkpoint, run.lm.model
         if mode == "last":
-            job.save_checkpoint("last")
-            model = _model_variant(lm.model, "last")
-        elif mode in ("single-best", "improvements") and best.name is not None:
-            model = _model_variant(lm.model, best.name)
-            logger.info("returning the best checkpoint: %s (validation %.3f at step %d)", best.name, best.score, best.step)
-        else:
-            model = lm.model
-        final = _served_program(student, lm, model, self.config)
+            run.job.save_checkpoint("last")
+            model = _model_variant(run.lm.model, "last")
+        elif mode in ("single-best", "improvements") and run.best_name is not None:
+            model = _model_variant(run.lm.model, run.best_name)
+            logger.info("returning checkpoint %s (validation %.3f at step %d)", run.best_name, run.best_score, run.best_step)
+        final = _served_program(run.student, run.lm, model, self.config)
         final._compiled = True
         return final
 
@@ -276,10 +289,22 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             )
 
 
-class _Best:
-    score: float = float("-inf")
-    step: int = -1
-    name: str | None = None
+@dataclass
+class _Session:
+    """The state of one `compile` call."""
+
+    student: dspy.Module
+    lm: dspy.LM
+    trainset: list[dspy.Example]
+    valset: list[dspy.Example] | None
+    programs: list[dspy.Module]  # rollout copies: the student first, then teachers
+    predictors: list[str]
+    tracker: Any
+    job: Any  # the provider's ReinforceJob
+    last_validated: int = -1
+    best_score: float = float("-inf")
+    best_step: int = -1
+    best_name: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +391,11 @@ def _step_line(step: int, total: int, m: dict[str, float]) -> str:
         f"format failures {100 * m['rollouts/format_failure_rate']:.0f}%, {int(m['groups/count'])} groups / "
         f"{int(m['groups/sequences'])} seqs, {loss}rollouts {m['time/rollouts_s']:.0f}s, train {m['time/train_s']:.0f}s"
     )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def _completion_rows(rollouts: list[Rollout], limit: int = 24) -> list[dict[str, Any]]:

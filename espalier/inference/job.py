@@ -145,7 +145,11 @@ class GRPOJob:
             if time.monotonic() > deadline:
                 self._proc.kill()
                 self._fail(f"the trainer did not {what} within {timeout:.0f} s; it was stopped")
-        reply = self._conn.recv()
+        try:
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=5)
+            self._fail(f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}")
         if reply[0] == "error":
             status = 400 if reply[1] == "config" else 500
             if status == 500:

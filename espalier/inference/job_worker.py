@@ -47,7 +47,9 @@ def _handle(trainer, message: tuple) -> Any:
     if command == "checkpoint":
         directory = Path(message[1])
         trainer.save_checkpoint(directory)
-        adapter = trainer.export_adapter(directory / "adapter")
+        adapter = directory / "adapter"  # GRPOTrainer.save_checkpoint writes the adapter there
+        if not (adapter / "adapter_config.json").exists():
+            adapter = trainer.export_adapter(adapter)
         return {"checkpoint": str(directory), "adapter": str(adapter)}
     if command == "export":
         return {"adapter": str(trainer.export_adapter(Path(message[1])))}

@@ -1,6 +1,7 @@
 """BM25Retriever: ranking, limits, thread safety, build time."""
 
 import copy
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,13 +47,17 @@ def test_concurrent_queries_match_serial_results():
     assert parallel == serial
 
 
-def test_deepcopy_shares_the_index():
+def test_deepcopy_shares_the_index_and_pickle_round_trips():
     search = BM25Retriever(PASSAGES)
     assert copy.deepcopy(search) is search
+    loaded = pickle.loads(pickle.dumps(search))
+    assert loaded("boats quokka", 2) == search("boats quokka", 2)
 
 
 def test_builds_ten_thousand_passages_quickly():
-    passages = [f"Title {i} | passage {i} about topic{i % 311} and subject{i % 53} in place{i % 7}" for i in range(10_000)]
+    passages = [
+        f"Title {i} | passage {i} about topic{i % 311} and subject{i % 53} in place{i % 7}" for i in range(10_000)
+    ]
     start = time.perf_counter()
     search = BM25Retriever(passages)
     assert time.perf_counter() - start < 20.0  # about 0.3 s here; generous for a shared CPU

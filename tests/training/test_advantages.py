@@ -20,7 +20,12 @@ def test_none_is_reward_minus_group_mean() -> None:
 def test_group_scales_by_group_std() -> None:
     # group 1: std 0.5; group 2: std 0 (advantages stay 0); group 3: std 1
     expected = [0.5 / (0.5 + STD_EPS)] * 4
-    expected = [e * s for e, s in zip(expected, [1, -1, -1, 1], strict=True)] + [0.0, 0.0, 1 / (1 + STD_EPS), -1 / (1 + STD_EPS)]
+    expected = [e * s for e, s in zip(expected, [1, -1, -1, 1], strict=True)] + [
+        0.0,
+        0.0,
+        1 / (1 + STD_EPS),
+        -1 / (1 + STD_EPS),
+    ]
     assert compute_advantages(GROUPS, "group") == pytest.approx(expected)
 
 

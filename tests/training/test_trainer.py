@@ -58,7 +58,10 @@ def test_update_does_not_depend_on_micro_batching(tiny_llama_dir: Path, loss_typ
     weights = []
     for batch, accumulation in [(4, 1), (1, 4), (3, 2)]:
         trainer = _trainer(
-            tiny_llama_dir, loss_type=loss_type, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation
+            tiny_llama_dir,
+            loss_type=loss_type,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
         )
         trainer.train_step(GROUPS)
         weights.append(torch.cat([p.detach().reshape(-1) for p in trainer.params]))
@@ -117,7 +120,12 @@ def test_completion_logprobs_equal_a_full_forward(tiny_llama_dir: Path) -> None:
 
 def test_sampling_logprobs_are_the_old_policy(tiny_llama_dir: Path) -> None:
     shifted = [
-        Group(tuple(Sample(s.prompt_ids, s.completion_ids, s.reward, logprobs=(-50.0,) * len(s.completion_ids)) for s in g.samples))
+        Group(
+            tuple(
+                Sample(s.prompt_ids, s.completion_ids, s.reward, logprobs=(-50.0,) * len(s.completion_ids))
+                for s in g.samples
+            )
+        )
         for g in GROUPS
     ]
     [metrics] = _trainer(tiny_llama_dir, per_device_train_batch_size=4).train_step(shifted)

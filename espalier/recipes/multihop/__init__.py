@@ -1,10 +1,10 @@
 """DSPy's "RL for multi-hop research" recipe, ready to train with Espalier.
 
-    from espalier.recipes.multihop import BM25Retriever, ResearchHop, load_multihop, recall
+from espalier.recipes.multihop import BM25Retriever, ResearchHop, load_multihop, recall
 
-    data = load_multihop("synthetic")            # or "hotpotqa:<dir>", "musique:<dir>", "hover:<file>"
-    program = ResearchHop(num_docs=4, num_hops=2, search=BM25Retriever(data.corpus))
-    # ArborGRPO(metric=recall, ...).compile(student=program, trainset=data.train, valset=data.dev)
+data = load_multihop("synthetic")            # or "hotpotqa:<dir>", "musique:<dir>", "hover:<file>"
+program = ResearchHop(num_docs=4, num_hops=2, search=BM25Retriever(data.corpus))
+# ArborGRPO(metric=recall, ...).compile(student=program, trainset=data.train, valset=data.dev)
 """
 
 from espalier.recipes.multihop.data import MultihopData, make_example, split_examples

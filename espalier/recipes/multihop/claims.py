@@ -215,7 +215,7 @@ CLAIM_TYPES = (
         _via("university", "city"),
         (
             "{start} studied in a city on the {river}.",
-            "The university of {start} stands on the {river}.",
+            "The university that {start} attended stands on the {river}.",
             "Which river flows through the city where {start} went to university?",
         ),
     ),

@@ -7,6 +7,8 @@ are "title | text" strings.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,11 @@ class MultihopData:
     dev: list[dspy.Example]
     test: list[dspy.Example]
     corpus: list[str]
+
+    def fingerprint(self) -> str:
+        """sha256 of the corpus and every split's claims and gold titles (for run logs and caches)."""
+        splits = [[(ex.claim, list(ex.titles)) for ex in split] for split in (self.train, self.dev, self.test)]
+        return hashlib.sha256(json.dumps([self.corpus, splits]).encode()).hexdigest()
 
     def missing_gold(self) -> list[str]:
         """Gold titles of any split that no corpus passage carries (normalised comparison)."""
@@ -67,7 +74,10 @@ def split_examples(
     n_train = _count(train_size, len(items), "train_size")
     n_dev = _count(dev_size, len(items), "dev_size")
     n_test = len(items) - n_train - n_dev if test_size is None else _count(test_size, len(items), "test_size")
-    if n_train + n_dev + n_test > len(items) or n_test < 0:
-        raise ValueError(f"Split sizes {n_train}+{n_dev}+{n_test} exceed the {len(items)} examples available.")
+    if n_train + n_dev + max(n_test, 0) > len(items) or n_test < 0:
+        raise ValueError(
+            f"Split sizes train {n_train} + dev {n_dev} + test {max(n_test, 0)} exceed the {len(items)} examples "
+            "available: lower train_size/dev_size, or give them as fractions (e.g. train_size=0.6, dev_size=0.2)."
+        )
     train, dev = items[:n_train], items[n_train : n_train + n_dev]
     return train, dev, items[n_train + n_dev : n_train + n_dev + n_test]

@@ -42,8 +42,8 @@ class RunOptions:
     batch_size: int = 8
     grad_accum: int = 1
     threads: int = 12
-    train_size: int = 300
-    dev_size: int = 40
+    train_size: int = 0  # 0: the loader's default (synthetic 300; real data 60%)
+    dev_size: int = 0  # 0: the loader's default (synthetic 80; real data 20%)
     val_every: int = 4
     val_temperature: float = 0.0
     temperature: float = 1.0
@@ -107,12 +107,18 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
 
     logger.info("loading data %r", opts.data)
     data = load_multihop(opts.data, corpus=opts.corpus, seed=opts.seed, **_sizes(opts))
-    logger.info("data: %d train, %d dev, %d test claims; %d passages", *map(len, (data.train, data.dev, data.test, data.corpus)))
+    logger.info(
+        "data: %d train, %d dev, %d test claims; %d passages", *map(len, (data.train, data.dev, data.test, data.corpus))
+    )
     search = BM25Retriever(data.corpus)
 
     logger.info("starting the Espalier server (model %s, engine %s)", opts.model, opts.engine)
-    server = espalier.init(model=opts.model, engine=opts.engine, num_inference_gpus=opts.num_inference_gpus,
-                           run_dir=str(run_dir / "server"))
+    server = espalier.init(
+        model=opts.model,
+        engine=opts.engine,
+        num_inference_gpus=opts.num_inference_gpus,
+        run_dir=str(run_dir / "server"),
+    )
     lm = dspy.LM(
         model=f"openai/arbor:{server['model']}",
         provider=ArborProvider(),
@@ -156,7 +162,8 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
 
 
 def _sizes(opts: RunOptions) -> dict[str, int]:
-    return {"train_size": opts.train_size, "dev_size": opts.dev_size}
+    sizes = {"train_size": opts.train_size, "dev_size": opts.dev_size}
+    return {k: v for k, v in sizes.items() if v}
 
 
 def _summary(opts: RunOptions, history: list[dict], run_dir: Path, server: dict, wall: float, program) -> dict:

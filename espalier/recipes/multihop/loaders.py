@@ -32,10 +32,12 @@ SPEC_FORMS = (
 def read_json(path: Path) -> Any:
     """A JSON document, or the list of objects of a JSONL file."""
     text = Path(path).read_text(encoding="utf-8")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if Path(path).suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass  # JSONL under another name
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -46,18 +48,23 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def _require(records: list[dict[str, Any]], fields: tuple[str, ...], what: str, path: Path) -> None:
-    for rec in records[:1]:
-        missing = [f for f in fields if f not in rec]
-        if not isinstance(rec, dict) or missing:
-            got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise ValueError(f"{path} does not look like {what}: expected records with fields {list(fields)}, "
-                             f"missing {missing}; got {got}.")  # fmt: skip
+def _require(records: list[Any], fields: tuple[str, ...], what: str, path: Path) -> None:
+    """Fail with the expected fields unless the first record looks like `what`."""
+    if not records:
+        raise ValueError(f"{path} holds no records; expected {what} records with fields {list(fields)}.")
+    rec = records[0]
+    missing = [f for f in fields if f not in rec] if isinstance(rec, dict) else list(fields)
+    if missing:
+        got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise ValueError(f"{path} does not look like {what}: expected records with fields {list(fields)}, "
+                         f"missing {missing}; got {got}.")  # fmt: skip
 
 
 def corpus_from_records(records: Iterable[Any]) -> list[str]:
     """Passages from `{title: [sentences] | text}` or records `{title, text | sentences}`."""
     if isinstance(records, dict):
+        if not all(isinstance(s, str | list) for s in records.values()):
+            raise ValueError("A corpus given as a JSON object must map each title to its text or sentences.")
         return unique_passages(make_passage(t, s) for t, s in records.items())
     passages = []
     for rec in records:

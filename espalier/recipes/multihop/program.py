@@ -68,7 +68,7 @@ class ResearchHop(dspy.Module):
         )
 
     def forward(self, claim: str) -> dspy.Prediction:
-        search = self.search or get_search()
+        search = get_search() if self.search is None else self.search
         key_facts: list[str] = []
         retrieved_docs: list[str] = []
         for hop in range(self.num_hops):

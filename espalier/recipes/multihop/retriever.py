@@ -7,7 +7,8 @@ English stemmer (PyStemmer). Departures:
    about a millisecond on a corpus of thousands of passages).
 2. `k` is clamped to the corpus size (bm25s raises otherwise); an empty corpus is an error.
 3. `copy.deepcopy` returns the same retriever: the index is read-only, and DSPy deep-copies
-   programs (and so their `search` attribute) for every candidate.
+   programs (and so their `search` attribute) for every candidate. It pickles (the lock and
+   stemmer are rebuilt on load), so a program holding it can be saved whole.
 """
 
 from __future__ import annotations
@@ -51,3 +52,11 @@ class BM25Retriever:
 
     def __deepcopy__(self, memo: dict) -> BM25Retriever:
         return self
+
+    def __getstate__(self) -> dict:  # the lock and the stemmer do not pickle; they are rebuilt on load
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_stemmer")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._stemmer = Stemmer.Stemmer("english")
+        self._lock = threading.Lock()

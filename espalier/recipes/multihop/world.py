@@ -10,6 +10,7 @@ look-alike distractors beside the page it needs.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from espalier.recipes.multihop import names as N
@@ -60,7 +61,7 @@ def build_world(rng: random.Random, scale: float = 1.0) -> World:
 
 def _places(world: World, maker: N.NameMaker, rng: random.Random, count: dict[str, int]) -> None:
     regions = [world.add(w, "region", direction=rng.choice(N.DIRECTIONS)) for w in maker.words(count["region"])]
-    rivers = [world.add(f"{w} River", "river") for w in maker.words(count["river"], (2, 2))]
+    rivers = [world.add(f"{w} River", "river") for w in maker.words(count["river"])]
     for name in maker.words(count["city"]):
         world.add(name, "city", region=rng.choice(regions).title, river=rng.choice(rivers).title,
                   product=rng.choice(N.PRODUCTS), century=rng.choice(["12th", "13th", "14th", "15th", "16th", "17th"]),
@@ -74,7 +75,7 @@ def _places(world: World, maker: N.NameMaker, rng: random.Random, count: dict[st
 
 def _people(world: World, maker: N.NameMaker, rng: random.Random, count: dict[str, int]) -> None:
     n_people = sum(count[k] for k in N.PROFESSIONS)
-    firsts, surnames = maker.words(max(20, n_people // 9), (2, 2)), maker.words(max(40, n_people // 3))
+    firsts, surnames = maker.words(max(20, n_people // 9)), maker.words(max(40, n_people // 3))
     cities, unis = world.of_kind("city"), world.of_kind("university")
     for group in N.PROFESSIONS:
         for _ in range(count[group]):
@@ -90,7 +91,7 @@ def _people(world: World, maker: N.NameMaker, rng: random.Random, count: dict[st
             person.attrs["colleague"] = rng.choice(people).title
 
 
-def _fresh_title(world: World, make) -> str:
+def _fresh_title(world: World, make: Callable[[], str]) -> str:
     while (title := make()) in world.entities:
         pass
     return title

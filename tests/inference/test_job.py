@@ -1,0 +1,88 @@
+"""The GRPO job routes with a stand-in trainer (fake_grpo_trainer.py) in a real worker process."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import API_KEY, MODEL_ID
+
+from espalier.inference.job import groups_from_batch
+from espalier.types import Group, Sample
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+GRPO = "/v1/fine_tuning/grpo"
+
+
+def post(url: str, route: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{GRPO}/{route}", json=body, headers=HEADERS, timeout=300)
+
+
+def greedy(url: str, model: str = MODEL_ID) -> list[int]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def arbor_item(batch_id: int) -> dict:
+    member = {"messages": [{"role": "user", "content": "Say yes."}], "completion": {"role": "assistant",
+              "content": "yes"}, "reward": 1.0}
+    return {"batch_id": batch_id, "group": [member, {**member, "reward": 0.0}]}
+
+
+def test_arbor_items_become_groups_with_the_servers_template(served_app):
+    served, _ = served_app
+    tok = served.engine.tokenizer
+    groups, ids = groups_from_batch([arbor_item(3)], tok)
+    assert ids == [3] and len(groups) == 1 and len(groups[0].samples) == 2
+    sample = groups[0].samples[0]
+    assert tok.decode(sample.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tok.decode(sample.completion_ids) == "yes<|im_end|>"
+    exact = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "logprobs": [-0.1, -0.2], "reward": 0.5}
+    groups, _ = groups_from_batch([{"batch_id": 0, "group": [exact]}], tok)
+    assert groups[0].samples[0] == Sample((1, 2, 3), (4, 5), 0.5, (-0.1, -0.2))
+    with pytest.raises(ValueError, match="reward"):
+        groups_from_batch([[{"prompt_ids": [1], "completion_ids": [2]}]], tok)
+
+
+def test_job_lifecycle_publishes_adapters_and_checkpoints(served_app):
+    served, url = served_app
+    base = greedy(url)
+    assert post(url, "initialize", {"model": f"arbor:{MODEL_ID}", "trainer_config": {"bogus": 1}}).status_code == 400
+    status = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"num_generations": 2}}).json()
+    job_id = status["job_id"]
+    assert status["status"] == "running" and status["pending_batch_ids"] == [0]
+    assert post(url, "initialize", {"model": MODEL_ID}).status_code == 409  # one job at a time
+
+    status = post(url, "step", {"job_id": job_id, "model": MODEL_ID, "batch": [arbor_item(0)]}).json()
+    assert status["steps"] == 1 and status["pending_batch_ids"] == [1]
+    assert status["last_swap_ms"] is not None and status["last_swap_ms"] > 0
+    after_one = greedy(url)
+    assert after_one != base and greedy(url, f"{MODEL_ID}@base") == base
+
+    status = post(url, "checkpoint", {"job_id": job_id, "checkpoint_name": "c1"}).json()
+    assert status["last_checkpoint"] == "c1" and status["checkpoint_models"]["c1"] == f"{MODEL_ID}@c1"
+    group = Group((Sample((1, 2), (3,), 1.0), Sample((1, 2), (4, 5), 0.0)), key="g")
+    status = post(url, "step", {"job_id": job_id, "groups": [group.to_dict()]}).json()
+    assert status["steps"] == 2 and status["metrics"][0]["num_sequences"] == 2
+    assert greedy(url, f"{MODEL_ID}@c1") == after_one and greedy(url) != after_one
+
+    assert post(url, "status", {"job_id": "other"}).status_code == 404
+    assert post(url, "step", {"job_id": job_id, "batch": []}).status_code == 400
+    status = post(url, "terminate", {"job_id": job_id}).json()
+    assert status["status"] == "terminated" and status["pending_batch_ids"] == []
+    assert post(url, "step", {"job_id": job_id, "batch": [arbor_item(2)]}).status_code == 409
+    assert greedy(url) != base  # the trained policy stays served
+
+
+def test_a_dead_trainer_is_reported_not_waited_for(served_app):
+    _, url = served_app
+    job_id = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"die_at_step": 1}}).json()["job_id"]
+    r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
+    assert r.status_code == 500 and "trainer process died" in r.json()["error"]["message"]
+    status = post(url, "status", {"job_id": job_id}).json()
+    assert status["status"] == "failed" and "exit code 3" in status["error"]
+    r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
+    assert r.status_code == 409 and "failed" in r.json()["error"]["message"]
+    assert post(url, "initialize", {"model": MODEL_ID}).status_code == 200  # a new job may start
+    post(url, "cancel", {})
