@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from typing import Any
 import dspy
 
 from espalier.grpo_config import CompileConfig, check_sampling_agreement
+from espalier.program.provider import GRPOJobError
 from espalier.rollout.grouping import build_groups
 from espalier.rollout.runner import EvalResult, evaluate, rollout_program, run_rollouts
 from espalier.tracking import make_tracker
@@ -93,6 +95,16 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         )
         self.rng = random.Random(seed)
         self.history: list[dict[str, Any]] = []  # one record per step and per validation, for summaries
+        # Hooks, all optional: see each step's rollouts and groups (logging, tests, custom stop rules),
+        # and choose the number that ranks checkpoints (default: the mean validation metric).
+        self.on_rollouts: Callable[[list[Rollout]], Any] | None = None
+        self.on_groups: Callable[[list[Group]], Any] | None = None
+        self.validation_score: Callable[[EvalResult], float] = lambda result: result.score
+        self._stop = threading.Event()
+
+    def request_stop(self) -> None:
+        """Stop after the step in progress (safe from any thread); `compile` then validates and returns."""
+        self._stop.set()
 
     # ----------------------------------------------------------------------------------------
     def compile(
@@ -134,6 +146,9 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         cfg, done = self.config, 0
         try:
             for step in range(cfg.num_train_steps):
+                if self._stop.is_set():
+                    logger.info("stop requested after %d steps", done)
+                    break
                 record = self._train_step(step, run)
                 done = step + 1
                 run.tracker.log(record["metrics"], done)
@@ -146,6 +161,10 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
                     self._validate(run, done)
         except KeyboardInterrupt:
             logger.warning("interrupted after %d steps: validating and returning the best checkpoint so far", done)
+        except GRPOJobError as e:
+            if e.status_code != 409:  # 409: the job was cancelled or terminated on the server
+                raise
+            logger.warning("the GRPO job stopped after %d steps (%s): returning the best checkpoint so far", done, e)
         return done
 
     # ----------------------------------------------------------------------------------------
@@ -165,6 +184,8 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             desc=f"step {step + 1}/{cfg.num_train_steps} rollouts",
         )
         t1 = time.perf_counter()
+        if self.on_rollouts:
+            self.on_rollouts(rollouts)
         groups = build_groups(
             rollouts,
             run.predictors,
@@ -172,14 +193,18 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             cfg.variably_invoked_predictor_fill_strategy,
             self.rng,
         )
-        train = run.job.step_groups(groups) if groups else {"metrics": [], "capped": False}
+        if self.on_groups:
+            self.on_groups(groups)
+        train = run.job.step_groups(groups) if groups else {"metrics": [], "optimizer_steps": 0}
         t2 = time.perf_counter()
         metrics = _step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
         self.history.append({"kind": "step", "step": step + 1, **metrics})
         seconds = [h["time/rollouts_s"] + h["time/train_s"] for h in self.history if h["kind"] == "step"]
         eta = sum(seconds) / len(seconds) * (cfg.num_train_steps - step - 1)
         logger.info("%s, about %s left", _step_line(step + 1, cfg.num_train_steps, metrics), _duration(eta))
-        return {"metrics": metrics, "completions": _completion_rows(rollouts), "capped": bool(train.get("capped"))}
+        cap = self.train_config.max_steps
+        capped = bool(cap) and train.get("optimizer_steps", 0) >= cap
+        return {"metrics": metrics, "completions": _completion_rows(rollouts), "capped": capped}
 
     def _draw(self, trainset: Sequence[dspy.Example]) -> list[tuple[int, dspy.Example]]:
         """k examples, walking a per-epoch seeded shuffle of the trainset."""
@@ -239,17 +264,18 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         self._keep(step, result, run)
 
     def _keep(self, step: int, result: EvalResult, run: _Session) -> None:
-        if self.config.checkpoint not in ("single-best", "improvements") or result.score <= run.best_score:
+        score = self.validation_score(result)
+        if self.config.checkpoint not in ("single-best", "improvements") or score <= run.best_score:
             return
         name = "base" if step == 0 else f"step-{step}"
         if step > 0:
             run.job.save_checkpoint(name)
-        run.best_score, run.best_step, run.best_name = result.score, step, name
-        logger.info("new best validation score %.3f at step %d (checkpoint %s)", result.score, step, name)
+        run.best_score, run.best_step, run.best_name = score, step, name
+        logger.info("new best validation score %.3f at step %d (checkpoint %s)", score, step, name)
 
     def _finish(self, run: _Session) -> dspy.Module:
         mode, model = self.config.checkpoint, run.lm.model
-        if mode == "last":
+        if mode == "last" and run.job.get_status().get("status") == "running":
             run.job.save_checkpoint("last")
             model = _model_variant(run.lm.model, "last")
         elif mode in ("single-best", "improvements") and run.best_name is not None:

@@ -19,6 +19,7 @@ import contextlib
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -120,7 +121,9 @@ class TransformersEngine:
     def _delete_adapter(self, name: str) -> None:
         del self._adapters[name]
         if self._adapters:
-            self.model.delete_adapter(name)
+            with warnings.catch_warnings():  # peft warns when the active adapter goes; we set one per batch
+                warnings.simplefilter("ignore", UserWarning)
+                self.model.delete_adapter(name)
         else:  # peft cannot delete its last adapter: drop the LoRA layers (no merge)
             self.model = self.model.unload().eval()
 

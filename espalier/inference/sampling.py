@@ -62,7 +62,9 @@ def sample_rows(
     scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)  # (B, V)
     top_k = torch.tensor([p.top_k for p in params], device=logits.device)
     top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
-    masked = mask_top_k_top_p(scaled, torch.where(greedy, 0, top_k), torch.where(greedy, 1.0, top_p))
+    top_k, top_p = torch.where(greedy, 0, top_k), torch.where(greedy, 1.0, top_p)
+    truncating = bool(((top_k > 0) | (top_p < 1)).any())  # the sort over the vocabulary is the costly part
+    masked = mask_top_k_top_p(scaled, top_k, top_p) if truncating else scaled
     logprobs = masked.log_softmax(dim=-1)  # (B, V)
     tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     for i, p in enumerate(params):

@@ -98,6 +98,11 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
     async def engine_error(_: Request, e: EngineError):
         return _error(500, str(e))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "engine_alive": served.engine.alive(), "model": served.model_id}

@@ -75,6 +75,7 @@ class ServedModel:
 
     def publish(self, adapter_dir: Path) -> float:
         """Make an exported adapter the current policy; returns the swap time in ms."""
+        self.ensure_alive()
         with self._lock:
             self._version += 1
             name = f"policy-{self._version}"
@@ -91,6 +92,7 @@ class ServedModel:
         """Serve a checkpoint's adapter as `<id>@<checkpoint>`; returns that model name."""
         if not checkpoint or "@" in checkpoint or "/" in checkpoint or checkpoint == "base":
             raise ValueError(f"bad checkpoint name {checkpoint!r}: use letters, digits, '-', '_' or '.'")
+        self.ensure_alive()
         with self._lock:
             name = f"ckpt-{checkpoint}"
             self.engine.load_adapter(name, Path(adapter_dir))

@@ -191,6 +191,10 @@ class VLLMEngine:
         except httpx.TimeoutException as e:
             raise EngineError(f"vLLM did not answer {path} within {timeout} s") from e
         except httpx.HTTPError as e:
+            try:  # a dropped connection usually means the process is going down: give it a moment to exit
+                self._proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
             if not self.alive():
                 raise EngineUnavailable(f"the vLLM process died during {path}: {e}") from e
             raise EngineError(f"vLLM request {path} failed: {e}") from e

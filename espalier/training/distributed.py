@@ -5,7 +5,9 @@ uses `SingleProcess`, a null object, so the training loop has no `if distributed
 `launch(fn, num_processes)` starts workers with accelerate's environment conventions
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and each worker calls
 `init_processes()`, which lets `accelerate.PartialState` set up the process group (gloo on
-CPU, nccl on CUDA).
+CPU, nccl on CUDA), then builds `GRPOTrainer(path, config, worker_device(), processes)`.
+Each process trains on its slice of every optimizer batch (rank::world_size) and saves
+checkpoints from rank 0.
 
 Departures from DDP / Arbor:
 1. Gradients of the trainable (LoRA) parameters are summed with one flat all-reduce per
@@ -56,8 +58,11 @@ class TorchProcesses:
         self.world_size = dist.get_world_size()
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        """Sum in place over processes; NCCL needs the tensor on this process's GPU, so it travels there."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+        moved = tensor.to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return tensor.copy_(moved)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -71,6 +76,13 @@ def init_processes() -> Processes:
 
     PartialState(backend="nccl" if torch.cuda.is_available() else "gloo")
     return TorchProcesses()
+
+
+def worker_device() -> str:
+    """The device a worker trains on: its LOCAL_RANK's GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL_ID
+from serving_fixtures import API_KEY, MODEL_ID
 
 from espalier.inference.job import groups_from_batch
 from espalier.types import Group, Sample

@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, MODEL_ID, random_adapter
+from serving_fixtures import API_KEY, MODEL_ID, random_adapter
 
 from espalier.inference.chat import render_prompt
 

@@ -1,0 +1,39 @@
+"""`espalier.inference.launch.init` starts the server as a subprocess, and `shutdown` stops it."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from serving_fixtures import random_adapter
+
+from espalier.inference import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_init_serves_until_shutdown(tiny_chat_dir, tmp_path):
+    adapter = random_adapter(tiny_chat_dir, tmp_path / "adapter", seed=3)
+    info = launch.init(model=str(tiny_chat_dir), engine="transformers", api_key="k", timeout=300,
+                       run_dir=tmp_path, adapter=adapter)
+    try:
+        assert set(info) >= {"base_url", "port", "api_key", "model"}
+        assert info["base_url"] == f"http://127.0.0.1:{info['port']}/v1" and info["api_key"] == "k"
+        client = openai.OpenAI(base_url=info["base_url"], api_key="k")
+        reply = client.chat.completions.create(model=info["model"], messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=4)
+        assert reply.choices[0].message.content is not None
+        greedy = {m: client.chat.completions.create(model=m, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=8, temperature=0).model_dump()["choices"][0]["token_ids"]
+                  for m in (info["model"], info["model"] + "@base")}
+        assert greedy[info["model"]] != greedy[info["model"] + "@base"]  # --adapter is the current policy
+        assert httpx.get(info["base_url"] + "/models").status_code == 401
+    finally:
+        launch.shutdown()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{info['port']}/health", timeout=2)
+
+
+def test_init_reports_a_server_that_cannot_start(tmp_path):
+    with pytest.raises(RuntimeError, match="exited"):
+        launch.init(model=str(tmp_path / "missing"), engine="transformers", timeout=120, run_dir=tmp_path)

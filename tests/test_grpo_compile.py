@@ -1,0 +1,273 @@
+"""ArborGRPO end to end: a real Espalier server (subprocess, transformers engine), a tiny model,
+real DSPy programs, real training steps.
+
+The tiny model is random, so it writes random tokens: that is enough to check the plumbing
+(what is sampled is what is trained, nothing is dropped, failures are data, the best
+checkpoint is returned). Learning itself is tested in tests/training/test_learning.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dspy
+import httpx
+import pytest
+
+import espalier
+from espalier import ArborGRPO, ArborProvider
+from espalier.program.adapter import PrefillChatAdapter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_factory, tmp_path_factory):
+    model_dir = tiny_llama_factory(seed=0)  # the default model's tokenizer and chat template
+    run_dir = tmp_path_factory.mktemp("server")
+    info = espalier.init(model=str(model_dir), engine="transformers", run_dir=run_dir, record_trained=True)
+    yield {**info, "run_dir": run_dir}
+    from espalier.inference.launch import shutdown
+
+    shutdown()
+
+
+def _lm(server, **kw) -> dspy.LM:
+    return dspy.LM(
+        model=f"openai/arbor:{server['model']}",
+        provider=ArborProvider(),
+        api_base=server["base_url"],
+        api_key=server["api_key"] or "local",
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        max_tokens=kw.pop("max_tokens", 6),
+        num_retries=0,
+        **kw,
+    )
+
+
+class Draft(dspy.Module):
+    """Two one-field predictors: with the prefilled header every completion parses."""
+
+    def __init__(self, retries: int = 0):
+        super().__init__()
+        self.draft = dspy.Predict("question -> answer")
+        self.check = dspy.Predict("question, answer -> verdict")
+        self.retries = retries
+
+    def forward(self, question: str):
+        answer = self.draft(question=question).answer
+        for _ in range(self.retries):  # a variably invoked predictor: retry while the answer is "too long"
+            if len(answer) % 3 == 0:
+                break
+            answer = self.draft(question=question + answer[:5]).answer
+        verdict = self.check(question=question, answer=answer).verdict
+        return dspy.Prediction(answer=answer, verdict=verdict)
+
+
+def _varied(example, pred, trace=None) -> float:
+    """A reward that differs between random completions, so groups have variance."""
+    return (sum(map(ord, pred.answer + pred.verdict)) % 7) / 6
+
+
+def _examples(n: int, prefix: str = "q") -> list[dspy.Example]:
+    return [dspy.Example(question=f"{prefix} {i}?").with_inputs("question") for i in range(n)]
+
+
+def _trained(server, run_dir_name: str | None = None) -> list[dict]:
+    """The sequences the trainer fed to the model, as it recorded them (`--record-trained`)."""
+    files = sorted((Path(server["run_dir"]) / "trained").glob("*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def test_sampled_tokens_are_trained_and_nothing_is_dropped(server, tmp_path):
+    program = Draft()
+    program.set_lm(_lm(server))
+    k, G = 2, 3
+    compiler = ArborGRPO(
+        metric=_varied,
+        num_dspy_examples_per_grpo_step=k,
+        num_rollouts_per_grpo_step=G,
+        num_train_steps=1,
+        num_threads=4,
+        use_train_as_val=False,
+        checkpoint="none",
+        exclude_demos=True,
+        adapter=PrefillChatAdapter(),
+        train_kwargs={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3},
+        run_dir=str(tmp_path),
+    )
+    sent = []
+    compiler.on_groups = sent.extend  # the groups of each step, as sent to the job
+    before = len(_trained(server))
+    compiler.compile(student=program, trainset=_examples(4))
+    trained = _trained(server)[before:]
+
+    calls_per_run = 2
+    assert sum(len(g.samples) for g in sent) == k * G * calls_per_run
+    step = [h for h in compiler.history if h["kind"] == "step"][0]
+    assert step["groups/sequences"] == k * G * calls_per_run
+    sampled = sorted((list(s.prompt_ids), list(s.completion_ids)) for g in sent for s in g.samples)
+    assert sorted((t["prompt_ids"], t["completion_ids"]) for t in trained) == sampled
+
+
+def test_prompts_trained_are_the_prefilled_chat_prompts(server, tmp_path):
+    """The trainer's prompt ends with the prefilled header: the same adapter sampled and trained."""
+    program = Draft()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2,
+                         num_train_steps=1, checkpoint="none", adapter=PrefillChatAdapter(), run_dir=str(tmp_path))
+    sent = []
+    compiler.on_groups = sent.extend
+    compiler.compile(student=program, trainset=_examples(1))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+    prompt = tokenizer.decode(sent[0].samples[0].prompt_ids)
+    assert prompt.rstrip().endswith("[[ ## answer ## ]]")
+
+
+def test_grouping_modes_with_a_variably_invoked_predictor(server, tmp_path):
+    program = Draft(retries=2)  # `draft` runs 1 to 3 times, depending on what was sampled
+    program.set_lm(_lm(server))
+    for mode in ("truncate", "ragged", "fill"):
+        compiler = ArborGRPO(
+            metric=_varied, num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=4, num_train_steps=1,
+            checkpoint="none", adapter=PrefillChatAdapter(), variably_invoked_predictor_grouping_mode=mode,
+            variably_invoked_predictor_fill_strategy="max" if mode == "fill" else None, run_dir=str(tmp_path / mode),
+        )
+        sent, rollouts = [], []
+        compiler.on_groups, compiler.on_rollouts = sent.extend, rollouts.extend
+        compiler.compile(student=program, trainset=_examples(2, "again"))
+        calls = [sum(c.predictor == "draft" for c in r.calls) for r in rollouts]
+        draft_groups = [g for g in sent if "/draft/" in g.key]
+        trained = sum(len(g.samples) for g in draft_groups)
+        if mode == "ragged":
+            assert trained == sum(calls)
+        else:
+            assert all(len(g.samples) == 4 for g in draft_groups)  # every run fills every slot it keeps
+        if mode == "truncate":
+            assert trained <= sum(calls)
+        if mode == "fill":
+            assert trained >= sum(calls)
+    assert len(set(calls)) > 1  # the predictor really was invoked a varying number of times
+
+
+def test_format_failures_and_errors_are_scored_and_still_trained(server, tmp_path):
+    class Flaky(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.think = dspy.ChainOfThought("question -> answer")  # random tokens never close `reasoning`
+
+        def forward(self, question):
+            if question.endswith("3?"):
+                raise ConnectionError("retriever down")
+            return self.think(question=question)
+
+    program = Flaky()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=4, num_rollouts_per_grpo_step=2,
+                         num_train_steps=1, checkpoint="none", adapter=PrefillChatAdapter(), failure_score=0.0,
+                         format_failure_score=-1.0, run_dir=str(tmp_path), seed=1)
+    sent, rollouts = [], []
+    compiler.on_groups = sent.extend
+    compiler.on_rollouts = rollouts.extend
+    compiler.compile(student=program, trainset=_examples(4))
+    errors = [r for r in rollouts if r.failure and r.failure.startswith("error")]
+    formats = [r for r in rollouts if r.failure and r.failure.startswith("format")]
+    assert len(errors) == 2 and all(r.reward == 0.0 and "retriever down" in r.failure for r in errors)
+    assert len(formats) == 6 and all(-1.0 <= r.reward <= -0.5 for r in formats)  # reasoning parsed or not
+    assert sum(len(g.samples) for g in sent) == 6  # the failed-format calls are trained; the errored runs made none
+
+
+def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
+    program = Draft()
+    program.set_lm(_lm(server))
+    scores = iter([0.1, 0.9, 0.2])  # validations at steps 0, 2 and 4: the best is at step 2
+    compiler = ArborGRPO(
+        metric=_varied, num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2, num_train_steps=4,
+        num_steps_for_val=2, checkpoint="single-best", adapter=PrefillChatAdapter(), run_dir=str(tmp_path),
+        train_kwargs={"learning_rate": 0.5, "per_device_train_batch_size": 2},
+    )
+    compiler.validation_score = lambda result: next(scores)  # arranged scores; the runs are real
+    optimized = compiler.compile(student=program, trainset=_examples(2), valset=_examples(2, "v"))
+
+    model = optimized.predictors()[0].lm.model
+    assert model == f"openai/arbor:{server['model']}@step-2"
+    status = httpx.get(f"{server['base_url']}/models", headers={"Authorization": f"Bearer {server['api_key']}"})
+    assert f"{server['model']}@step-2" in [m["id"] for m in status.json()["data"]]
+
+    def logprobs(name: str) -> list[float]:
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+                "logprobs": True}
+        r = httpx.post(f"{server['base_url']}/chat/completions", json=body,
+                       headers={"Authorization": f"Bearer {server['api_key']}"}, timeout=60)
+        return [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
+
+    assert logprobs(f"{server['model']}@step-2") != logprobs(server["model"])  # step 2 is not the last policy
+    with dspy.context(adapter=PrefillChatAdapter()):
+        assert optimized(question="q 0?").answer is not None  # the returned program runs on the best adapter
+
+
+def test_stop_request_ends_training_gracefully(server, tmp_path):
+    program = Draft()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2,
+                         num_train_steps=1000, checkpoint="last", adapter=PrefillChatAdapter(), run_dir=str(tmp_path))
+    compiler.on_groups = lambda groups: compiler.request_stop() if len(compiler.history) >= 2 else None
+    optimized = compiler.compile(student=program, trainset=_examples(2))
+    steps = [h for h in compiler.history if h["kind"] == "step"]
+    assert 2 <= len(steps) <= 3
+    assert optimized.predictors()[0].lm.model.endswith("@last")
+
+
+def test_reference_recipe_runs_verbatim(server, tmp_path, monkeypatch):
+    """DSPy's multi-hop recipe as the user writes it: only the import line and GPU counts differ."""
+    from espalier.recipes.multihop import BM25Retriever, ResearchHop, generate_world, recall
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # runs/ goes here
+    data = generate_world(seed=0, train_size=12, dev_size=3, test_size=0, scale=0.2)
+    trainset, devset = data.train, data.dev
+    local_lm = _lm(server, max_tokens=4)
+    search = BM25Retriever(data.corpus)
+    from espalier.recipes.multihop import set_search
+
+    set_search(search)  # the tutorial's program reads a module-level search
+
+    # ---- verbatim from the recipe (ARCHITECTURE.md section 1), GPU counts 0 ----
+    program = ResearchHop(num_docs=4, num_hops=2)
+    program.set_lm(local_lm)
+
+    train_kwargs = {
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 24/6,
+        "temperature": 1.0, "top_k": -1, "top_p": 1.0, "repetition_penalty": 1.0,
+        "beta": 0.00, "learning_rate": 1e-6, "gradient_checkpointing": True, "bf16": True,
+        "lr_scheduler_type": "constant_with_warmup", "loss_type": "dapo", "max_steps": 1000,
+        "report_to": "wandb", "log_completions": True, "logging_steps": 1,
+        "max_prompt_length": None, "max_completion_length": None, "scale_rewards": False,
+        "max_grad_norm": 1.0,
+        "lora_config": {"lora_alpha": 16, "lora_dropout": 0.05, "r": 8,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                           "up_proj", "down_proj", "gate_proj"]},
+        "num_training_gpus": 0, "num_inference_gpus": 0, "weight_decay": 0.001,
+    }
+    compiler = ArborGRPO(metric=recall, num_dspy_examples_per_grpo_step=6,
+                         num_rollouts_per_grpo_step=24, exclude_demos=True, num_train_steps=1000,
+                         num_threads=16, use_train_as_val=False, num_steps_for_val=50,
+                         train_kwargs=train_kwargs, checkpoint="single-best")
+    compiler.on_groups = lambda groups: compiler.request_stop() if len(compiler.history) >= 2 else None  # not verbatim: stop after two steps
+    with dspy.context(adapter=PrefillChatAdapter()):
+        optimized_program = compiler.compile(student=program, trainset=trainset, valset=devset)
+    # ---- end of the recipe's code ----
+    set_search(None)
+
+    steps = [h for h in compiler.history if h["kind"] == "step"]
+    assert len(steps) == 2
+    assert all(s["groups/sequences"] >= 6 * 24 for s in steps)  # at least one call per run, all trained
+    assert [h["step"] for h in compiler.history if h["kind"] == "val"] == [0, 2]
+    assert optimized_program.predictors()[0].lm.model.startswith(f"openai/arbor:{server['model']}@")
