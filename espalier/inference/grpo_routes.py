@@ -76,7 +76,7 @@ def add_grpo_routes(app: FastAPI) -> None:
             model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
             device="cuda" if gpus > 0 else "cpu", batches_per_step=int(body.get("batches_per_step") or 1),
             step_timeout=settings.request_timeout * 6, factory=getattr(app.state, "trainer_factory", None)
-            or JobOptions.factory,
+            or JobOptions.factory, record_trained=settings.record_trained,
         )
         job = await run_in_threadpool(GRPOJob, served, options)
         app.state.job = job

@@ -54,6 +54,7 @@ class JobOptions:
     start_timeout: float = 900.0
     step_timeout: float = 3600.0
     factory: str = DEFAULT_FACTORY
+    record_trained: bool = False
 
 
 def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
@@ -178,8 +179,10 @@ class GRPOJob:
     def step(self, groups: list[Group], batch_ids: list[int]) -> None:
         self._check_usable()
         export = self.options.run_dir / "adapters" / f"step-{self.state.steps + 1:05d}"
+        record = self.options.run_dir / "trained" / f"step-{self.state.steps + 1:05d}.jsonl"
         payload = [g.to_dict() for g in groups]
-        result = self._call(("step", payload, str(export)), self.options.step_timeout, "run a training step")
+        message = ("step", payload, str(export), str(record) if self.options.record_trained else None)
+        result = self._call(message, self.options.step_timeout, "run a training step")
         self.state.steps += 1
         self.state.optimizer_steps = result["optimizer_steps"]
         self.state.last_metrics = result["metrics"]

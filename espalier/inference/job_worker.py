@@ -1,6 +1,6 @@
 """The trainer worker process of a GRPO job: owns the `GRPOTrainer`, obeys commands on a pipe.
 
-Messages in: `("step", [group dicts], export_dir)`, `("checkpoint", directory)`,
+Messages in: `("step", [group dicts], export_dir, record_path | None)`, `("checkpoint", directory)`,
 `("export", directory)`, `("stop",)`. Messages out: `("ok", payload)` or
 `("error", kind, message)` where kind is "config" for a bad train_kwargs (-> HTTP 400) and
 "trainer" otherwise. The process exits on "stop" or when the pipe closes.
@@ -40,6 +40,7 @@ def _handle(trainer, message: tuple) -> Any:
     command = message[0]
     if command == "step":
         groups = [Group.from_dict(g) for g in message[1]]
+        trainer.record_path = Path(message[3]) if len(message) > 3 and message[3] else None
         metrics = trainer.train_step(groups)
         adapter = trainer.export_adapter(Path(message[2]))
         return {"metrics": [m.to_dict() for m in metrics], "adapter": str(adapter),

@@ -56,8 +56,11 @@ def _server_args(model: str, engine: str, host: str, port: int, num_inference_gp
     args = ["--model", model, "--engine", engine, "--host", host, "--port", str(port),
             "--num-inference-gpus", str(num_inference_gpus)]
     for key, value in extra.items():
-        if value is not None:
-            args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
     return args
 
 
@@ -88,15 +91,19 @@ def init(
     timeout: float = 900.0,
     run_dir: str | Path | None = None,
     adapter: str | Path | None = None,
+    record_trained: bool = False,
 ) -> dict[str, Any]:
-    """Start `python -m espalier.inference.server` in the background and wait until it is healthy."""
+    """Start `python -m espalier.inference.server` in the background and wait until it is healthy.
+
+    `record_trained=True` makes the trainer append every sequence it feeds to
+    `run_dir/trained/step-N.jsonl`, to audit what was trained."""
     port = port or free_port(host)
     api_key = api_key if api_key is not None else os.environ.get("ESPALIER_API_KEY")
     log_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="espalier-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "server.log"
     args = _server_args(model, engine, host, port, num_inference_gpus, run_dir=log_dir, adapter=adapter,
-                        engine_start_timeout=timeout)
+                        engine_start_timeout=timeout, record_trained=record_trained)
     env = dict(os.environ)
     if api_key:
         env["ESPALIER_API_KEY"] = api_key  # not on the command line, where `ps` shows it

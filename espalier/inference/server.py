@@ -43,6 +43,7 @@ class ServerSettings:
     request_timeout: float = 600.0
     run_dir: Path = Path("runs/serve")
     model_path: Path | None = None
+    record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/*.jsonl
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--engine-start-timeout", type=float, default=900.0)
+    p.add_argument("--record-trained", action="store_true",
+                   help="append every sequence the trainer feeds to RUN_DIR/trained/step-N.jsonl (audits, tests)")
     return p
 
 
@@ -169,7 +172,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     served = ServedModel(engine, args.model, aliases=(str(path),))
     if args.adapter is not None:
         served.publish(args.adapter)
-    settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path)
+    settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path,
+                              args.record_trained)
     return create_app(served, settings)
 
 

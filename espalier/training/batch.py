@@ -97,6 +97,17 @@ def collate(sequences: Sequence[TrainSequence], indices: Sequence[int], pad_id: 
     )
 
 
+def fed_rows(mb: MicroBatch) -> list[dict[str, list[int] | float]]:
+    """What the model is fed, read back from the tensors: each row's unpadded prompt and loss-bearing completion."""
+    rows = []
+    for r in range(mb.input_ids.shape[0]):
+        fed = mb.input_ids[r][mb.attention_mask[r].bool()].tolist()
+        completion = mb.completion_ids[r][mb.completion_mask[r].bool()].tolist()
+        rows.append({"prompt_ids": fed[: len(fed) - len(completion)], "completion_ids": completion,
+                     "advantage": float(mb.advantages[r])})
+    return rows
+
+
 def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     """Consecutive slices of `size` (the last may be short)."""
     return [list(items[i : i + size]) for i in range(0, len(items), size)]

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from espalier.config import TrainConfig
 from espalier.models import load_causal_lm
 from espalier.training.advantages import compute_advantages
-from espalier.training.batch import MicroBatch, TrainSequence, build_sequences, chunks, collate
+from espalier.training.batch import MicroBatch, TrainSequence, build_sequences, chunks, collate, fed_rows
 from espalier.training.checkpoint import atomic_directory
 from espalier.training.distributed import Processes, SingleProcess
 from espalier.training.lora import apply_lora
@@ -71,6 +71,7 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.reduce = REDUCTIONS[config.loss_type]
         self.optimizer_steps = 0
+        self.record_path: Path | None = None  # when set, every fed sequence is appended here (JSONL)
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class GRPOTrainer:
         stats = torch.zeros(6, dtype=torch.float64)
         for indices in micro:
             mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
+            self._record(mb)
             with self._autocast():
                 logp = self._logprobs(mb)  # (B, C)
                 ref = self._reference_logprobs(mb) if cfg.beta > 0 else None  # (B, C) | None
@@ -151,6 +153,14 @@ class GRPOTrainer:
         )
 
     # ---- pieces ---------------------------------------------------------------------------
+
+    def _record(self, mb: MicroBatch) -> None:
+        if self.record_path is None:
+            return
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record_path, "a") as f:
+            for row in fed_rows(mb):
+                f.write(json.dumps({"optimizer_step": self.optimizer_steps + 1, **row}) + "\n")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
