@@ -88,11 +88,17 @@ def swap_latency(engine, model_dir: Path, swaps: int, workdir: Path) -> dict[str
     return {"swap_ms_median": statistics.median(times), "swap_ms_max": max(times)}
 
 
-def hf_generate(model_dir: Path, ids: list[list[int]], max_tokens: int) -> dict[str, float]:
+def load_hf(model_dir: Path):
+    """The plain transformers model and tokenizer that `hf_generate` uses (fp32, eval)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokenizer
+
+
+def hf_generate(model_dir: Path, ids: list[list[int]], max_tokens: int, loaded=None) -> dict[str, float]:
+    """Tokens/s of one left-padded batch through `generate`; `loaded` = `load_hf(model_dir)` to reuse a model."""
+    model, tokenizer = loaded or load_hf(model_dir)
     width = max(len(p) for p in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # (B, L) left-padded

@@ -23,6 +23,7 @@ _LAZY = {
     "ArborGRPO": "espalier.grpo",
     "ArborProvider": "espalier.program.provider",
     "PrefillChatAdapter": "espalier.program.adapter",
+    "FieldwiseChatAdapter": "espalier.program.adapter",
     "init": "espalier.inference.launch",
     "serve": "espalier.inference.launch",
     "TrainConfig": "espalier.config",

@@ -31,11 +31,11 @@ _HELP = {
     "grad_accum": "gradient_accumulation_steps",
     "threads": "program runs in flight",
     "train_size": "training claims (0 = the loader's default)",
-    "dev_size": "validation claims (0 = the loader's default)",
+    "dev_size": "validation claims (0 = 40 for synthetic data, 20%% of real data)",
     "val_every": "validate every N steps (and before the first and after the last)",
     "val_temperature": "sampling temperature of validation (0 = greedy)",
     "temperature": "rollout sampling temperature",
-    "adapter": "prefill (first output header prefilled) | chat (DSPy's ChatAdapter)",
+    "adapter": "fieldwise (headers written by the adapter, one call per field) | prefill | chat",
     "seed": "seed for data, shuffling and sampling",
     "num_training_gpus": "GPUs for training (0 = CPU)",
     "num_inference_gpus": "GPUs for the engine (0 = CPU)",
@@ -63,9 +63,20 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_main(argv[1:])
         return 0
-    if argv[:1] == ["bench"]:
-        from benchmarks.run_all import main as bench_main
+    if argv[:1] == ["bench"]:  # benchmarks/ lives in the source checkout, not in the installed package
+        import os
 
+        if os.path.exists(os.path.join("benchmarks", "run_all.py")) and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            from benchmarks.run_all import main as bench_main
+        except ModuleNotFoundError as e:
+            if e.name not in ("benchmarks", "benchmarks.run_all"):
+                raise
+            raise SystemExit(
+                "espalier bench runs the benchmarks/ folder of a source checkout of Espalier: cd to the repository "
+                "root (the folder holding benchmarks/run_all.py) and run `espalier bench` again"
+            ) from None
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="espalier", description="Train the LM inside a DSPy program with GRPO.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     from espalier.recipes.multihop.job import run_multihop
 
     options = RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name != "extra_train_kwargs"})
-    run_multihop(options)
+    try:
+        run_multihop(options)
+    except ValueError as e:  # a user error: say what to change, without a traceback
+        print(f"espalier: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -90,6 +105,9 @@ def _logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "LiteLLM", "urllib3", "dspy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DSPy warns on every completion cut at max_tokens; the run counts them as format failures instead.
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # "The query is empty" at INFO, for every empty query
 
 
 if __name__ == "__main__":

@@ -371,6 +371,9 @@ def _served_program(student: dspy.Module, lm: dspy.LM, model: str, cfg: CompileC
     """A copy of the student that samples from `model` at the validation temperature."""
     program = student.deepcopy()
     served = lm.copy(model=model, temperature=cfg.val_temperature)
+    # No response cache: `<id>` names a policy that changes every step, and `<id>@step-N` names
+    # another run's adapter in DSPy's on-disk cache; a cached answer would be another model's.
+    served.cache = False
     for _, predictor in program.named_predictors():
         predictor.lm = served
         if cfg.exclude_demos:

@@ -271,3 +271,56 @@ def test_reference_recipe_runs_verbatim(server, tmp_path, monkeypatch):
     assert all(s["groups/sequences"] >= 6 * 24 for s in steps)  # at least one call per run, all trained
     assert [h["step"] for h in compiler.history if h["kind"] == "val"] == [0, 2]
     assert optimized_program.predictors()[0].lm.model.startswith(f"openai/arbor:{server['model']}@")
+
+
+def test_saved_program_is_served_again_by_a_new_server(server, tmp_path):
+    """compile -> program.save -> `espalier serve --adapter <checkpoint>` -> program.load: same policy."""
+    program = Draft()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2,
+                         num_train_steps=1, checkpoint="last", adapter=PrefillChatAdapter(), run_dir=str(tmp_path),
+                         train_kwargs={"learning_rate": 0.5, "per_device_train_batch_size": 2})
+    compiler.compile(student=program, trainset=_examples(1)).save(str(tmp_path / "program.json"))
+    checkpoint = Path(server["run_dir"]) / "checkpoints" / "last" / "adapter"
+    again = espalier.init(model=server["model"], engine="transformers", run_dir=tmp_path / "again", adapter=checkpoint)
+
+    reloaded = Draft()
+    reloaded.load(str(tmp_path / "program.json"))
+    model = reloaded.predictors()[0].lm.model
+    assert model == f"openai/arbor:{server['model']}@last"
+
+    def logprobs(info) -> list[float]:
+        body = {"model": model.removeprefix("openai/"), "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4, "temperature": 0, "logprobs": True}
+        headers = {"Authorization": f"Bearer {info['api_key']}"} if info["api_key"] else {}
+        r = httpx.post(f"{info['base_url']}/chat/completions", json=body, headers=headers, timeout=60)
+        r.raise_for_status()
+        return [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
+
+    assert logprobs(again) == pytest.approx(logprobs(server), abs=1e-4)
+    for predictor in reloaded.predictors():
+        predictor.lm = predictor.lm.copy(api_base=again["base_url"], api_key=again["api_key"] or "local")
+    with dspy.context(adapter=PrefillChatAdapter()):
+        assert reloaded(question="q 0?").verdict is not None
+
+
+def test_fieldwise_adapter_never_fails_the_format_and_trains_each_field_call(server, tmp_path):
+    from espalier.program.adapter import FieldwiseChatAdapter
+
+    program = dspy.ChainOfThought("question -> answer")  # two output fields: reasoning, answer
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=lambda ex, pred, trace=None: float(len(pred.answer) % 2), num_train_steps=1,
+                         num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=3, checkpoint="none",
+                         adapter=FieldwiseChatAdapter(), run_dir=str(tmp_path))
+    rollouts, sent = [], []
+    compiler.on_rollouts, compiler.on_groups = rollouts.extend, sent.extend
+    compiler.compile(student=program, trainset=_examples(2))
+
+    assert all(r.failure is None for r in rollouts)  # random tokens, and still every run parses
+    assert all([c.invocation for c in r.calls] == [0, 1] for r in rollouts)  # one call per field
+    assert sum(len(g.samples) for g in sent) == 2 * 3 * 2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+    second = tokenizer.decode(rollouts[0].calls[1].prompt_ids)
+    assert second.rstrip().endswith("[[ ## answer ## ]]") and "[[ ## reasoning ## ]]" in second

@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def checkpoint_name(adapter: Path) -> str:
+    """`.../checkpoints/step-8/adapter` -> "step-8": the name a program saved by `compile` refers to."""
+    adapter = Path(adapter)
+    return adapter.parent.name if adapter.name == "adapter" else adapter.name
+
+
 def build_app(args: argparse.Namespace) -> FastAPI:
     from espalier.inference.factory import make_engine, resolve_model_path
 
@@ -172,6 +178,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     served = ServedModel(engine, args.model, aliases=(str(path),))
     if args.adapter is not None:
         served.publish(args.adapter)
+        served.add_checkpoint(checkpoint_name(args.adapter), args.adapter)  # a saved program's `<id>@<name>` works
     settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path,
                               args.record_trained)
     return create_app(served, settings)

@@ -22,6 +22,8 @@ Departures from the paper / TRL / Arbor:
    losses.py), gradients are summed over micro-batches and processes, never averaged.
 6. `max_steps` caps optimizer steps for the trainer's lifetime; once reached, `train_step`
    stops and says so (`extra["max_steps_reached"]`, `extra["sequences_not_trained"]`).
+7. Sequences whose gradient is exactly zero (advantage 0 and beta 0, not bnpo) skip their
+   forward and backward; their tokens still count in the normaliser, so the update is the same.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class GRPOTrainer:
         self.reduce = REDUCTIONS[config.loss_type]
         self.optimizer_steps = 0
         self.record_path: Path | None = None  # when set, every fed sequence is appended here (JSONL)
+        self.skip_zero_advantage = True  # see _needs_compute
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -83,7 +86,8 @@ class GRPOTrainer:
         batches = chunks(range(len(sequences)), cfg.total_batch_size * world)
         room = math.inf if cfg.max_steps is None else max(cfg.max_steps - self.optimizer_steps, 0)
         trained, skipped = batches[: int(min(room, len(batches)))], batches[int(min(room, len(batches))) :]
-        old = self._old_logprobs(sequences, [i for b in trained[1:] for i in b[self.processes.rank :: world]])
+        needed = [i for b in trained[1:] for i in b[self.processes.rank :: world] if self._needs_compute(sequences[i])]
+        old = self._old_logprobs(sequences, needed)
         metrics = [self._optimizer_step(sequences, batch, old) for batch in trained]
         extra = {"truncated_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions)}
         if skipped or room == 0:
@@ -98,7 +102,9 @@ class GRPOTrainer:
         start = time.perf_counter()
         world = procs.world_size
         shard = batch[procs.rank :: world]  # this process's sequences
-        micro = chunks(shard, cfg.per_device_train_batch_size)
+        active = [i for i in shard if self._needs_compute(sequences[i])]
+        self._record_skipped(sequences, [i for i in shard if i not in set(active)])
+        micro = chunks(active, cfg.per_device_train_batch_size)
         lengths = [len(sequences[i].completion_ids) for i in batch]
         norm = Normalizer(
             num_sequences=len(batch),
@@ -123,6 +129,9 @@ class GRPOTrainer:
             low, high = clip_fractions(terms.ratio.detach(), mb.advantages, mask, cfg.epsilon, cfg.epsilon_high)
             kl = (terms.kl.detach() * mask).sum().item()
             stats += torch.tensor([loss.item(), low, high, kl, mask.sum().item(), mb.attention_mask.sum().item()])
+        for p in self.params:  # a batch of zero-advantage sequences still takes its (zero-gradient) AdamW step
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         self._sum_gradients()
         stats = procs.sum_(stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
@@ -132,6 +141,7 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         loss, low, high, kl, tokens, all_tokens = stats.tolist()
+        tokens = max(tokens, 1.0)  # a batch of zero-advantage sequences computes none
         rewards = torch.tensor([sequences[i].reward for i in batch], dtype=torch.float64)  # (N,)
         advs = torch.tensor([sequences[i].advantage for i in batch], dtype=torch.float64)  # (N,)
         return StepMetrics(
@@ -154,13 +164,26 @@ class GRPOTrainer:
 
     # ---- pieces ---------------------------------------------------------------------------
 
-    def _record(self, mb: MicroBatch) -> None:
+    def _needs_compute(self, sequence: TrainSequence) -> bool:
+        """False when the sequence's gradient is exactly zero: no advantage and no KL term.
+
+        Its tokens still count in the loss normaliser (dapo, dr_grpo, grpo), so skipping its
+        forward and backward changes nothing but the time. bnpo averages per micro-batch, so
+        there every sequence is computed to keep the micro-batches as configured."""
+        cfg = self.config
+        return not self.skip_zero_advantage or sequence.advantage != 0.0 or cfg.beta > 0 or cfg.loss_type == "bnpo"
+
+    def _record_skipped(self, sequences: list[TrainSequence], skipped: list[int]) -> None:
+        if self.record_path is not None and skipped:
+            self._record(collate([sequences[i] for i in skipped], skipped, self.pad_id), computed=False)
+
+    def _record(self, mb: MicroBatch, computed: bool = True) -> None:
         if self.record_path is None:
             return
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.record_path, "a") as f:
             for row in fed_rows(mb):
-                f.write(json.dumps({"optimizer_step": self.optimizer_steps + 1, **row}) + "\n")
+                f.write(json.dumps({"optimizer_step": self.optimizer_steps + 1, "computed": computed, **row}) + "\n")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)

@@ -173,3 +173,24 @@ def test_schedulers_warm_up_and_decay(tiny_llama_dir: Path) -> None:
     assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2 * 3 / 4])
     with pytest.raises(ValueError, match="max_steps"):
         _trainer(tiny_llama_dir, lr_scheduler_type="cosine")
+
+
+def test_skipping_zero_advantage_sequences_changes_nothing_but_time(tiny_llama_dir: Path) -> None:
+    """A flat group (all rewards equal) has zero gradient: skipping its compute gives the same update."""
+    from espalier.types import Group, Sample
+
+    groups = [
+        Group((Sample((1, 2, 3), (4, 5), 1.0), Sample((1, 2, 3), (6, 7, 8), 0.0))),
+        Group((Sample((9, 10), (11,), 0.5), Sample((9, 10), (12, 13), 0.5))),  # no variance
+    ]
+    config = TrainConfig.from_kwargs({"per_device_train_batch_size": 2, "learning_rate": 1e-2, "loss_type": "dapo",
+                                      "lora_config": {"lora_dropout": 0.0}})  # dropout masks would differ in RNG use
+    weights = []
+    for skip in (True, False):
+        trainer = GRPOTrainer(tiny_llama_dir, config)
+        trainer.skip_zero_advantage = skip
+        trainer.train_step(groups)
+        trainer.train_step(groups)
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=1e-6)

@@ -4,9 +4,10 @@ Everything the tutorial's notebook does by hand, with CPU-sized defaults (`RunOp
 progress throughout, and a plain summary at the end (also written to `summary.json`).
 
 Departures from the tutorial:
-1. The LM's adapter is `PrefillChatAdapter` (the first output header prefilled), because a
-   135M model almost never writes DSPy's format cold; rollouts, validation and the returned
-   program all use it. `--adapter chat` restores DSPy's plain ChatAdapter.
+1. The LM's adapter is `FieldwiseChatAdapter` (the adapter writes every field header and
+   samples each value with its own call), because a 135M model almost never writes DSPy's
+   format cold; rollouts, validation and the returned program all use it. `--adapter prefill`
+   (first header only) and `--adapter chat` (DSPy's ChatAdapter) are the alternatives.
 2. The default data is a generated world (offline); the tutorial's HoVer data is `--data hover:...`.
 """
 
@@ -31,23 +32,23 @@ class RunOptions:
     corpus: str | None = None
     engine: str = "auto"
     steps: int = 12
-    examples_per_step: int = 4
+    examples_per_step: int = 3
     rollouts_per_example: int = 6
     num_docs: int = 3
     num_hops: int = 2
-    max_tokens: int = 96
-    learning_rate: float = 2e-4
+    max_tokens: int = 64
+    learning_rate: float = 5e-4
     loss_type: str = "dapo"
     lora_r: int = 8
     batch_size: int = 8
     grad_accum: int = 1
     threads: int = 12
     train_size: int = 0  # 0: the loader's default (synthetic 300; real data 60%)
-    dev_size: int = 0  # 0: the loader's default (synthetic 80; real data 20%)
-    val_every: int = 4
+    dev_size: int = 0  # 0: 40 generated claims for synthetic data (validation cost), else the loader's 20%
+    val_every: int = 6
     val_temperature: float = 0.0
-    temperature: float = 1.0
-    adapter: str = "prefill"
+    temperature: float = 0.7
+    adapter: str = "fieldwise"
     seed: int = 0
     num_training_gpus: int = 0
     num_inference_gpus: int = 0
@@ -96,7 +97,6 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
     """Run the whole job; returns (and writes) the summary."""
     import espalier
     from espalier.grpo import ArborGRPO
-    from espalier.program.adapter import PrefillChatAdapter
     from espalier.program.provider import ArborProvider
     from espalier.recipes.multihop import BM25Retriever, ResearchHop, load_multihop, recall
 
@@ -131,7 +131,7 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
         max_tokens=opts.max_tokens,
         num_retries=0,
     )
-    adapter = PrefillChatAdapter() if opts.adapter == "prefill" else dspy.ChatAdapter(use_json_adapter_fallback=False)
+    adapter = make_adapter(opts.adapter)
     program = ResearchHop(num_docs=opts.num_docs, num_hops=opts.num_hops, search=search)
     program.set_lm(lm)
 
@@ -161,8 +161,22 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
     return summary
 
 
+def make_adapter(name: str) -> dspy.Adapter:
+    from espalier.program.adapter import FieldwiseChatAdapter, PrefillChatAdapter
+
+    adapters = {
+        "fieldwise": FieldwiseChatAdapter,
+        "prefill": PrefillChatAdapter,
+        "chat": lambda: dspy.ChatAdapter(use_json_adapter_fallback=False),
+    }
+    if name not in adapters:
+        raise ValueError(f"--adapter {name!r}: use one of {', '.join(adapters)}")
+    return adapters[name]()
+
+
 def _sizes(opts: RunOptions) -> dict[str, int]:
-    sizes = {"train_size": opts.train_size, "dev_size": opts.dev_size}
+    dev = opts.dev_size or (40 if opts.data == "synthetic" else 0)
+    sizes = {"train_size": opts.train_size, "dev_size": dev}
     return {k: v for k, v in sizes.items() if v}
 
 

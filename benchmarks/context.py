@@ -1,0 +1,102 @@
+"""The state shared by the sections of one benchmark run: sizes, the model, the data, servers, results.
+
+Sections ask the context for what they need (`bench.server("vllm")`, `bench.data`) and for
+other sections' results (`bench.section("training")`), so each section runs alone
+(`--only training`) and a full run starts every server and loads every dataset once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Section, Sizes
+
+# In run order: the sections that use an Espalier server first, so it can be stopped before the rest.
+SECTIONS = ("rollouts", "grpo_step", "scaling", "training", "sync", "memory")
+SERVER_SECTIONS = ("rollouts", "grpo_step", "scaling")
+
+
+@dataclass
+class Bench:
+    sizes: Sizes
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    engines: tuple[str, ...] = ("vllm", "transformers")
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="espalier-bench-")))
+    results: dict[str, Section] = field(default_factory=dict)
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: Any = print
+
+    @property
+    def grpo_engine(self) -> str:
+        """The engine of the end-to-end sections: the production one when it is benchmarked."""
+        return self.engines[0]
+
+    @cached_property
+    def model_dir(self) -> Path:
+        from espalier.inference.factory import resolve_model_path
+
+        return resolve_model_path(self.model)
+
+    @cached_property
+    def data(self):
+        """The recipe's default data: the seeded synthetic world (offline)."""
+        from espalier.recipes.multihop import generate_world
+
+        return generate_world(seed=0, train_size=64, dev_size=16, test_size=0)
+
+    @cached_property
+    def search(self):
+        from espalier.recipes.multihop import BM25Retriever
+
+        return BM25Retriever(self.data.corpus)
+
+    def section(self, name: str) -> Section:
+        """A section's result, running it first if this run has not yet."""
+        if name not in self.results:
+            self.log(f"[bench] {name} ...")
+            start = time.perf_counter()
+            result = importlib.import_module(f"benchmarks.{name}").run(self)
+            result.seconds = time.perf_counter() - start
+            self.results[name] = result
+            self.log(f"[bench] {name} done in {result.seconds:.0f} s")
+        return self.results[name]
+
+    def server(self, engine: str) -> dict[str, Any]:
+        """An Espalier server (`espalier.init`) with this engine, started once per run."""
+        if engine not in self.servers:
+            import espalier
+
+            start = time.perf_counter()
+            info = espalier.init(model=str(self.model_dir), engine=engine, run_dir=self.workdir / f"server-{engine}")
+            self.servers[engine] = {**info, "start_s": time.perf_counter() - start}
+        return self.servers[engine]
+
+    def stop_server(self, engine: str) -> None:
+        info = self.servers.pop(engine, None)
+        if info is not None:
+            _stop_group(info["pid"])
+
+    def close(self) -> None:
+        for engine in list(self.servers):
+            self.stop_server(engine)
+
+
+def _stop_group(pid: int, timeout: float = 30.0) -> None:
+    """Stop a server started by `espalier.init` (its own session: the group is its pid) and its children."""
+    import psutil
+
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        psutil.Process(pid).wait(timeout)
+    except psutil.TimeoutExpired:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass

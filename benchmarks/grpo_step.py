@@ -1,0 +1,129 @@
+"""One full ArborGRPO step of the multi-hop recipe, its wall time split, and the server's memory peaks.
+
+`ArborGRPO.compile` runs `reps + 1` steps (the first is a warm-up) of ResearchHop on the
+synthetic world through Espalier's server, with validation before the first step and after
+the last on a few dev claims. The split is read through public hooks only (`probes.py`):
+the compiler's `time/rollouts_s` and `time/train_s`, the job's returned status
+(`last_swap_ms`, the trainer's per-optimizer-step tokens/s), DSPy callbacks on LM calls,
+and clocks on the metric and the search. "Model compute" is time with at least one LM
+request in flight plus the trainer's optimizer-step time; everything else is overhead.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dspy
+
+from benchmarks.common import Section, Table, fmt, median
+from benchmarks.memory import PeakSampler
+from benchmarks.probes import Clock, LMSpans, TimedProvider
+from benchmarks.program import make_lm, make_program
+
+VAL_EVERY = 4  # `espalier run multihop`'s default validation period: validation is amortised over it
+
+
+def compile_once(bench, server: dict, n_val: int) -> dict:
+    from espalier.grpo import ArborGRPO
+    from espalier.program.adapter import PrefillChatAdapter
+    from espalier.recipes.multihop import recall
+    from espalier.recipes.multihop.job import RunOptions, train_kwargs_for
+
+    s, provider, spans = bench.sizes, TimedProvider(), LMSpans()
+    metric, program = Clock(recall), make_program(bench, make_lm(server, s.max_tokens, provider))
+    program.search = search = Clock(bench.search)
+    steps = s.reps + 1
+    options = RunOptions(batch_size=s.batch, grad_accum=s.accum, max_tokens=s.max_tokens, steps=steps)
+    compiler = ArborGRPO(
+        metric=metric, num_dspy_examples_per_grpo_step=s.k, num_rollouts_per_grpo_step=s.G, exclude_demos=True,
+        num_train_steps=steps, num_threads=s.threads, num_steps_for_val=steps, train_kwargs=train_kwargs_for(options),
+        checkpoint="none", seed=0, adapter=PrefillChatAdapter(), variably_invoked_predictor_grouping_mode="ragged",
+        val_temperature=0.0, run_dir=str(bench.workdir / "grpo"),
+    )
+    marks: dict[str, list] = {"rollouts_end": [], "val_end": [], "groups": []}
+    compiler.on_rollouts = lambda _: marks["rollouts_end"].append(time.perf_counter())
+    compiler.on_groups = marks["groups"].append
+    score = compiler.validation_score
+    compiler.validation_score = lambda result: (marks["val_end"].append(time.perf_counter()), score(result))[1]
+    with dspy.context(adapter=PrefillChatAdapter(), callbacks=[spans]), PeakSampler(server["pid"]) as sampler:
+        compiler.compile(student=program, trainset=bench.data.train, valset=bench.data.dev[:n_val])
+    return {"history": compiler.history, "events": provider.events, "marks": marks, "spans": spans,
+            "metric": metric, "search": search, "memory": sampler.by_role()}
+
+
+def optimizer_seconds(status: dict, groups) -> float:
+    """The trainer's time in optimizer steps: each step's tokens over its tokens/s."""
+    lengths = [len(x.prompt_ids) + len(x.completion_ids) for g in groups for x in g.samples]
+    total, cursor = 0.0, 0
+    for m in status.get("metrics", []):
+        n = int(m["num_sequences"])
+        total += sum(lengths[cursor : cursor + n]) / m["tokens_per_second"]
+        cursor += n
+    return total
+
+
+def split(run: dict) -> list[dict[str, float]]:
+    """Per step: seconds of each part."""
+    steps = [h for h in run["history"] if h["kind"] == "step"]
+    jobs = [e for e in run["events"] if e[0] == "step"]
+    parts = []
+    for i, h in enumerate(steps):
+        end = run["marks"]["rollouts_end"][i]
+        start = end - h["time/rollouts_s"]
+        lm = run["spans"].busy(start, end)
+        _, t0, t1, status = jobs[i]
+        compute = optimizer_seconds(status, run["marks"]["groups"][i])
+        swap = (status.get("last_swap_ms") or 0.0) / 1000
+        parts.append({
+            "rollouts: LM requests in flight": lm,
+            "rollouts: rest (DSPy, BM25, scoring, threads)": h["time/rollouts_s"] - lm,
+            "training: optimizer steps": compute,
+            "sync: adapter hot-load into the engine": swap,
+            "job: batch upload, adapter export, IPC": h["time/train_s"] - compute - swap,
+            "scoring (metric, summed over threads)": run["metric"].within(start, end),
+            "BM25 search (summed over threads)": run["search"].within(start, end),
+        })
+    return parts
+
+
+def validation(run: dict) -> tuple[float, float]:
+    """(seconds of one validation pass, LM-in-flight seconds in it): the median of the first and last pass."""
+    init_end = next(e[2] for e in run["events"] if e[0] == "initialize")
+    last_step_end = [e[2] for e in run["events"] if e[0] == "step"][-1]
+    windows = list(zip([init_end, last_step_end], run["marks"]["val_end"], strict=False))
+    return median([b - a for a, b in windows]), median([run["spans"].busy(a, b) for a, b in windows])
+
+
+def run(bench) -> Section:
+    s = bench.sizes
+    server = bench.server(bench.grpo_engine)
+    n_val = max(2, s.k)
+    result = compile_once(bench, server, n_val)
+    per_step = split(result)[1:]  # the first step is a warm-up
+    parts = {k: median([p[k] for p in per_step]) for k in per_step[0]}
+    val_s, val_lm = validation(result)
+    walltime = sum(v for k, v in parts.items() if "summed" not in k)
+    total = walltime + val_s / VAL_EVERY
+    compute = parts["rollouts: LM requests in flight"] + parts["training: optimizer steps"] + val_lm / VAL_EVERY
+    rows = [[k, fmt(v, 2), f"{100 * v / total:.0f}%" if "summed" not in k else "(inside rollouts)"]
+            for k, v in parts.items()]
+    rows.append([f"validation: 1/{VAL_EVERY} of a pass over {n_val} dev claims (greedy)", fmt(val_s / VAL_EVERY, 2),
+                 f"{100 * val_s / VAL_EVERY / total:.0f}%"])
+    rows.append(["**total per step**", fmt(total, 2), "100%"])
+    rows.append(["**not model compute** (total - LM in flight - optimizer steps)", fmt(total - compute, 2),
+                 f"**{100 * (total - compute) / total:.0f}%**"])
+    init = next(e[2] - e[1] for e in result["events"] if e[0] == "initialize")
+    table = Table(
+        f"One ArborGRPO step ({bench.grpo_engine} engine): {s.k} claims x {s.G} runs, "
+        f"{s.batch} x {s.accum} sequences per optimizer step, up to {s.max_tokens} new tokens per call",
+        ["part", "seconds (median)", "share"],
+        rows,
+        [f"Median over {len(per_step)} steps after a warm-up step; job start (trainer process + model load) "
+         f"took {init:.1f} s once.",
+         "LM requests in flight include HTTP and the server's work around the engine: compute is an upper bound."],
+    )
+    steps = [h for h in result["history"] if h["kind"] == "step"]
+    data = {"parts": parts, "per_step": per_step, "validation_pass_s": val_s, "job_start_s": init,
+            "memory_mb": result["memory"], "total_s": total, "not_compute_share": (total - compute) / total,
+            "history": steps}
+    return Section("grpo_step", [table], data)

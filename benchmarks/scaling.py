@@ -1,0 +1,53 @@
+"""Scaling: how a GRPO step's time grows with G (runs per claim), k (claims) and sequence length.
+
+For each (k, G, max new tokens): the step's rollouts through Espalier's server (the first
+engine), grouped as `ArborGRPO` groups them, then one `train_step` on every group with an
+in-process `GRPOTrainer` (the recipe's CPU train_kwargs). Sync is left out (it does not
+depend on these sizes: see the sync section). Median of `reps` repetitions per row.
+"""
+
+from __future__ import annotations
+
+import random
+
+from benchmarks.common import Section, Table, fmt, median, timed
+from benchmarks.program import make_lm, make_program, rollouts
+
+
+def one(bench, server, trainer, predictors, k: int, G: int, max_tokens: int) -> dict[str, float]:
+    from espalier.rollout.grouping import build_groups
+
+    roll_s, runs = timed(lambda: rollouts(bench, server, k, G, max_tokens))
+    groups = build_groups(runs, predictors, "ragged", None, random.Random(0))
+    train_s, _ = timed(lambda: trainer.train_step(groups) if groups else [])
+    samples = [x for g in groups for x in g.samples]
+    return {"rollouts_s": roll_s, "train_s": train_s, "step_s": roll_s + train_s, "sequences": len(samples),
+            "tokens": sum(len(x.prompt_ids) + len(x.completion_ids) for x in samples)}
+
+
+def run(bench) -> Section:
+    from espalier.config import TrainConfig
+    from espalier.recipes.multihop.job import RunOptions, train_kwargs_for
+    from espalier.training import GRPOTrainer
+
+    s = bench.sizes
+    server = bench.server(bench.grpo_engine)
+    options = RunOptions(batch_size=s.batch, grad_accum=s.accum)
+    trainer = GRPOTrainer(bench.model_dir, TrainConfig.from_kwargs(train_kwargs_for(options)))
+    predictors = [n for n, _ in make_program(bench, make_lm(server, 8)).named_predictors()]
+    one(bench, server, trainer, predictors, 1, 2, s.scaling[0][2])  # warm-up
+    rows, data = [], []
+    for k, G, max_tokens in s.scaling:
+        reps = [one(bench, server, trainer, predictors, k, G, max_tokens) for _ in range(s.reps)]
+        m = {key: median([r[key] for r in reps]) for key in reps[0]}
+        data.append({"k": k, "G": G, "max_tokens": max_tokens, **m, "samples": reps})
+        base = data[0]["step_s"]
+        rows.append([str(k), str(G), str(max_tokens), fmt(m["sequences"], 0), fmt(m["tokens"], 0),
+                     fmt(m["rollouts_s"], 1), fmt(m["train_s"], 1), fmt(m["step_s"], 1), f"{m['step_s'] / base:.2f}x"])
+    table = Table(
+        f"Scaling: step time against k, G and max new tokens ({bench.grpo_engine} engine, in-process trainer)",
+        ["k", "G", "max new tokens", "sequences", "tokens trained", "rollouts s", "train s", "step s", "vs first row"],
+        rows,
+        [f"Median of {s.reps} steps per row after one warm-up step; sync (constant) is not included."],
+    )
+    return Section("scaling", [table], {"rows": data})
