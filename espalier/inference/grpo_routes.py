@@ -10,6 +10,8 @@ Departures from Arbor:
 2. `step` also accepts Espalier's `groups` (a list of `Group.to_dict()`), so token ids and
    sampling log-probs cross unchanged.
 3. One job at a time (one engine, one policy): a second `initialize` while one runs is 409.
+4. `num_training_gpus` picks the trainer's devices and number of ranks (`training_placement`);
+   more GPUs than the machine has is a 400 naming the fix, before any process starts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
-from espalier.inference.job import GRPOJob, JobError, JobOptions, groups_from_batch
+from espalier.inference.job import GRPOJob, JobError, JobOptions, groups_from_batch, training_placement
 from espalier.inference.serving import UnknownModel, strip_prefix
 from espalier.types import Group
 
@@ -71,12 +73,13 @@ def add_grpo_routes(app: FastAPI) -> None:
         if current is not None and current.state.status == "running":
             raise JobError(f"job {current.state.job_id} is still running; terminate or cancel it first", 409)
         kwargs = _train_kwargs(body)
-        gpus = int(kwargs.get("num_training_gpus", 0) or 0)
+        device, processes, visible = training_placement(kwargs, settings.train_processes)
         options = JobOptions(
             model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
-            device="cuda" if gpus > 0 else "cpu", batches_per_step=int(body.get("batches_per_step") or 1),
+            device=device, batches_per_step=int(body.get("batches_per_step") or 1),
             step_timeout=settings.request_timeout * 6, factory=getattr(app.state, "trainer_factory", None)
-            or JobOptions.factory, record_trained=settings.record_trained,
+            or JobOptions.factory, record_trained=settings.record_trained, processes=processes,
+            visible_devices=visible,
         )
         job = await run_in_threadpool(GRPOJob, served, options)
         app.state.job = job

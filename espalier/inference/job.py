@@ -15,6 +15,10 @@ Departures from Arbor:
    clients expect one group per id); Espalier's own client sends groups without ids.
 4. The worker's death, a timeout or a trainer error is reported in `status` and as HTTP
    500/409 with the message; Arbor waits forever.
+5. `num_training_gpus` is honoured (`training_placement`): 0 trains on the CPU, 1 on the
+   planned CUDA device, N > 1 on N ranks of the planned devices (job_worker.py); a count the
+   machine cannot give is a 400 naming the fix. A server started with `--train-processes N`
+   trains on N CPU ranks instead (gloo; for CPU clusters and tests).
 """
 
 from __future__ import annotations
@@ -55,6 +59,31 @@ class JobOptions:
     step_timeout: float = 3600.0
     factory: str = DEFAULT_FACTORY
     record_trained: bool = False
+    processes: int = 1  # > 1: that many ranks (job_worker.py)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
+
+
+def training_placement(train_kwargs: dict[str, Any], train_processes: int = 0,
+                       available: int | None = None) -> tuple[str, int, str | None]:
+    """(device, processes, CUDA_VISIBLE_DEVICES of the ranks) for a job; impossible counts are a 400."""
+    from espalier.config import TrainConfig, plan_devices
+
+    counts = {k: train_kwargs[k] for k in ("num_training_gpus", "num_inference_gpus") if k in train_kwargs}
+    try:
+        config = TrainConfig.from_kwargs(counts)
+        if train_processes > 0 and config.num_training_gpus > 0:
+            raise ValueError(
+                f"train_kwargs['num_training_gpus'] = {config.num_training_gpus} but this server trains on "
+                f"{train_processes} CPU process(es) (--train-processes); set it to 0 or restart without --train-processes"
+            )
+        plan = plan_devices(config.num_training_gpus, config.num_inference_gpus, available)
+    except ValueError as e:
+        raise JobError(str(e), 400) from e
+    if train_processes > 0:
+        return "cpu", train_processes, "" if train_processes > 1 else None
+    if len(plan.training) <= 1:
+        return (f"cuda:{plan.training[0]}" if plan.training else "cpu"), 1, None
+    return "cuda", len(plan.training), ",".join(str(d) for d in plan.training)
 
 
 def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
@@ -117,7 +146,8 @@ class GRPOJob:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=worker_main, name="espalier-trainer", daemon=True,
-            args=(child, options.factory, str(options.model_path), options.train_kwargs, options.device),
+            args=(child, options.factory, str(options.model_path), options.train_kwargs, options.device,
+                  options.processes, options.visible_devices),
         )
         self._proc.start()
         child.close()

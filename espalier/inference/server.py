@@ -44,6 +44,7 @@ class ServerSettings:
     run_dir: Path = Path("runs/serve")
     model_path: Path | None = None
     record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/*.jsonl
+    train_processes: int = 0  # > 0: GRPO jobs train on this many CPU ranks (gloo); 0 = from num_training_gpus
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-start-timeout", type=float, default=900.0)
     p.add_argument("--record-trained", action="store_true",
                    help="append every sequence the trainer feeds to RUN_DIR/trained/step-N.jsonl (audits, tests)")
+    p.add_argument("--train-processes", type=int, default=0,
+                   help="train GRPO jobs on N CPU processes (gloo), for CPU clusters and tests; "
+                        "0 = follow the job's num_training_gpus")
     return p
 
 
@@ -180,7 +184,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         served.publish(args.adapter)
         served.add_checkpoint(checkpoint_name(args.adapter), args.adapter)  # a saved program's `<id>@<name>` works
     settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path,
-                              args.record_trained)
+                              args.record_trained, train_processes=args.train_processes)
     return create_app(served, settings)
 
 

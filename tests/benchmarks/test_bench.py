@@ -53,3 +53,17 @@ def test_sync_section_on_a_tiny_model(tiny_llama_factory, tmp_path):
         assert run["n"] >= 1 and 0 < run["export_s"] <= run["total_s"] < 120
     hot, full = runs.values()
     assert hot["n"] == Sizes.tiny().reps and full["n"] == Sizes.tiny().reps
+
+
+def test_memory_section_sums_the_measured_peaks(tmp_path):
+    from benchmarks import memory
+
+    bench = Bench(Sizes.tiny(), workdir=tmp_path)
+    bench.results = {
+        "grpo_step": Section("grpo_step", [], {"memory_mb": {"server": 500.0, "engine": 3000.0, "trainer": 800.0}}),
+        "training": Section("training", [], {"runs": {"TRL": {"peak_rss_mb": 900.0}}}),
+        "rollouts": Section("rollouts", [], {"runs": {"generate": {"peak_rss_mb": 700.0}}}),
+    }
+    rows = memory.run(bench).tables[0].rows
+    assert [r[1] for r in rows] == ["500", "3,000", "800", "4,300", "900", "700"]
+    assert memory.peak_rss_mb() > 0  # this process, from /proc/self/status
