@@ -52,6 +52,14 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def _exit_on_sigterm() -> None:
+    """A SIGTERM'd parent skips atexit by default, orphaning its servers: make SIGTERM exit cleanly."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _server_args(model: str, engine: str, host: str, port: int, num_inference_gpus: int, **extra: Any) -> list[str]:
     args = ["--model", model, "--engine", engine, "--host", host, "--port", str(port),
             "--num-inference-gpus", str(num_inference_gpus)]
@@ -92,18 +100,22 @@ def init(
     run_dir: str | Path | None = None,
     adapter: str | Path | None = None,
     record_trained: bool = False,
+    train_processes: int | None = None,
 ) -> dict[str, Any]:
     """Start `python -m espalier.inference.server` in the background and wait until it is healthy.
 
     `record_trained=True` makes the trainer append every sequence it feeds to
-    `run_dir/trained/step-N.jsonl`, to audit what was trained."""
+    `run_dir/trained/step-N.jsonl`, to audit what was trained. `train_processes=N` trains with
+    N CPU processes (torch distributed, gloo) instead of one; GPUs follow `num_training_gpus`."""
     port = port or free_port(host)
+    _exit_on_sigterm()
     api_key = api_key if api_key is not None else os.environ.get("ESPALIER_API_KEY")
     log_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="espalier-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "server.log"
     args = _server_args(model, engine, host, port, num_inference_gpus, run_dir=log_dir, adapter=adapter,
-                        engine_start_timeout=timeout, record_trained=record_trained)
+                        engine_start_timeout=timeout, record_trained=record_trained,
+                        train_processes=train_processes)
     env = dict(os.environ)
     if api_key:
         env["ESPALIER_API_KEY"] = api_key  # not on the command line, where `ps` shows it

@@ -37,3 +37,32 @@ def test_init_serves_until_shutdown(tiny_chat_dir, tmp_path):
 def test_init_reports_a_server_that_cannot_start(tmp_path):
     with pytest.raises(RuntimeError, match="exited"):
         launch.init(model=str(tmp_path / "missing"), engine="transformers", timeout=120, run_dir=tmp_path)
+
+
+def test_sigterm_to_the_parent_stops_its_server(tiny_chat_dir, tmp_path):
+    """`kill <pid>` of a script that called espalier.init() must not leave the server running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time, espalier\n"
+        f"info = espalier.init(model={str(tiny_chat_dir)!r}, engine='transformers', run_dir={str(tmp_path)!r})\n"
+        "print(info['pid'], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(server_pid, signal.SIGKILL)
+    raise AssertionError("the server outlived its parent")
