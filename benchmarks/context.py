@@ -69,13 +69,24 @@ class Bench:
             self.log(f"[bench] {name} done in {result.seconds:.0f} s")
         return self.results[name]
 
+    @cached_property
+    def adapter(self) -> Path:
+        """A recipe-shaped LoRA adapter (r 8, every projection, random weights): the policy after a GRPO step."""
+        from benchmarks.inference import make_adapter
+
+        return make_adapter(self.model_dir, self.workdir / "policy-adapter", seed=0)
+
     def server(self, engine: str) -> dict[str, Any]:
-        """An Espalier server (`espalier.init`) with this engine, started once per run."""
+        """An Espalier server (`espalier.init`) with this engine, started once per run, serving `adapter`.
+
+        Rollouts during training sample from the current LoRA policy, never from the bare base model,
+        so the servers are measured with an adapter active."""
         if engine not in self.servers:
             import espalier
 
             start = time.perf_counter()
-            info = espalier.init(model=str(self.model_dir), engine=engine, run_dir=self.workdir / f"server-{engine}")
+            info = espalier.init(model=str(self.model_dir), engine=engine, run_dir=self.workdir / f"server-{engine}",
+                                 adapter=self.adapter)
             self.servers[engine] = {**info, "start_s": time.perf_counter() - start}
         return self.servers[engine]
 

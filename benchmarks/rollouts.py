@@ -49,11 +49,14 @@ def engine_runs(bench, engine: str) -> tuple[dict, list]:
     return result, runs
 
 
-def hf_waves(model_dir: str, waves: list[list[list[int]]], max_tokens: int, reps: int) -> dict:
-    """In a child process: `reps` passes of batched `generate` over the waves; median tokens/s."""
+def hf_waves(model_dir: str, waves: list[list[list[int]]], max_tokens: int, reps: int, adapter: str) -> dict:
+    """In a child process: `reps` passes of batched `generate` (LoRA adapter on, unmerged) over the waves."""
+    from peft import PeftModel
+
     from benchmarks.inference import hf_generate, load_hf
 
-    loaded = load_hf(Path(model_dir))
+    model, tokenizer = load_hf(Path(model_dir))
+    loaded = (PeftModel.from_pretrained(model, adapter).eval(), tokenizer)
     rates, tokens, seconds = [], [], []
     for _ in range(reps):
         parts = [hf_generate(Path(model_dir), wave, max_tokens, loaded) for wave in waves]
@@ -72,7 +75,7 @@ def run(bench) -> Section:
         waves = waves or prompt_waves(last)
         if engine != bench.grpo_engine:
             bench.stop_server(engine)  # not needed again: free its memory and any idle CPU
-    runs[HF] = run_isolated(hf_waves, str(bench.model_dir), waves, s.max_tokens, s.reps)
+    runs[HF] = run_isolated(hf_waves, str(bench.model_dir), waves, s.max_tokens, s.reps, str(bench.adapter))
     best = runs[f"Espalier server, {bench.engines[0]} engine"]["tokens_per_s"]
     rows = [[name, fmt(r["tokens_per_s"]), ratio(best, r["tokens_per_s"]) if r["tokens_per_s"] != best else "1.00x",
              fmt(r["tokens"], 0), fmt(r["seconds"], 2)] for name, r in runs.items()]
@@ -83,6 +86,8 @@ def run(bench) -> Section:
          "seconds (median)"],
         rows,
         [f"Median of {s.reps} steps after a warm-up run; server wall time includes DSPy, BM25 and HTTP.",
-         "Plain `generate` runs the same prompts as one batch per call position (no server, no adapter swap)."],
+         "Plain `generate` runs the same prompts as one batch per call position (no server, no adapter swap).",
+         "Every system samples with the same recipe-shaped LoRA adapter active (r 8, every projection), as rollouts "
+         "do after the first GRPO step."],
     )
     return Section("rollouts", [table], {"runs": runs, "waves": [len(w) for w in waves]}, limits=LIMITS)
