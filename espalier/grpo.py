@@ -34,6 +34,7 @@ import dspy
 from espalier.grpo_config import CompileConfig, check_sampling_agreement
 from espalier.program.provider import GRPOJobError
 from espalier.rollout.grouping import build_groups
+from espalier.rollout.report import completion_rows, duration, step_line, step_metrics
 from espalier.rollout.runner import EvalResult, evaluate, rollout_program, run_rollouts
 from espalier.tracking import make_tracker
 from espalier.types import Group, Rollout
@@ -197,14 +198,14 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             self.on_groups(groups)
         train = run.job.step_groups(groups) if groups else {"metrics": [], "optimizer_steps": 0}
         t2 = time.perf_counter()
-        metrics = _step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
+        metrics = step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
         self.history.append({"kind": "step", "step": step + 1, **metrics})
         seconds = [h["time/rollouts_s"] + h["time/train_s"] for h in self.history if h["kind"] == "step"]
         eta = sum(seconds) / len(seconds) * (cfg.num_train_steps - step - 1)
-        logger.info("%s, about %s left", _step_line(step + 1, cfg.num_train_steps, metrics), _duration(eta))
+        logger.info("%s, about %s left", step_line(step + 1, cfg.num_train_steps, metrics), duration(eta))
         cap = self.train_config.max_steps
         capped = bool(cap) and train.get("optimizer_steps", 0) >= cap
-        return {"metrics": metrics, "completions": _completion_rows(rollouts), "capped": capped}
+        return {"metrics": metrics, "completions": completion_rows(rollouts), "capped": capped}
 
     def _draw(self, trainset: Sequence[dspy.Example]) -> list[tuple[int, dspy.Example]]:
         """k examples, walking a per-epoch seeded shuffle of the trainset."""
@@ -386,59 +387,3 @@ def _terminate(job) -> None:
         job.terminate()
     except Exception as e:  # noqa: BLE001 - the result is already computed; say why cleanup failed
         logger.warning("could not terminate the GRPO job cleanly: %s", e)
-
-
-def _step_metrics(rollouts: list[Rollout], groups: list[Group], train: list[dict], t_roll: float, t_train: float):
-    n = max(len(rollouts), 1)
-    rewards = [r.reward for r in rollouts]
-    mean = sum(rewards) / n
-    flat = [g for g in groups if len({s.reward for s in g.samples}) == 1]
-    metrics = {
-        "reward/mean": mean,
-        "reward/std": (sum((r - mean) ** 2 for r in rewards) / n) ** 0.5,
-        "rollouts/format_failure_rate": sum(bool(r.failure and r.failure.startswith("format")) for r in rollouts) / n,
-        "rollouts/error_rate": sum(bool(r.failure and not r.failure.startswith("format")) for r in rollouts) / n,
-        "rollouts/calls": float(sum(len(r.calls) for r in rollouts)),
-        "groups/count": float(len(groups)),
-        "groups/sequences": float(sum(len(g.samples) for g in groups)),
-        "groups/no_variance_share": len(flat) / max(len(groups), 1),
-        "time/rollouts_s": t_roll,
-        "time/train_s": t_train,
-        "train/optimizer_steps": float(len(train)),
-    }
-    for key in ("loss", "kl", "grad_norm", "learning_rate", "clip_ratio_low", "clip_ratio_high", "tokens_per_second"):
-        values = [m[key] for m in train if key in m]
-        if values:
-            metrics[f"train/{key}"] = sum(values) / len(values)
-    return metrics
-
-
-def _step_line(step: int, total: int, m: dict[str, float]) -> str:
-    loss = f"loss {m['train/loss']:+.4f} " if "train/loss" in m else ""
-    return (
-        f"step {step}/{total}: reward {m['reward/mean']:.3f} (std {m['reward/std']:.3f}), "
-        f"format failures {100 * m['rollouts/format_failure_rate']:.0f}%, {int(m['groups/count'])} groups / "
-        f"{int(m['groups/sequences'])} seqs, {loss}rollouts {m['time/rollouts_s']:.0f}s, train {m['time/train_s']:.0f}s"
-    )
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
-
-
-def _completion_rows(rollouts: list[Rollout], limit: int = 24) -> list[dict[str, Any]]:
-    rows = []
-    for r in rollouts[:limit]:
-        for c in r.calls:
-            rows.append(
-                {
-                    "example": r.example_index,
-                    "predictor": c.predictor,
-                    "invocation": c.invocation,
-                    "reward": r.reward,
-                    "failure": r.failure or "",
-                    "completion": c.completion_text[:2000],
-                }
-            )
-    return rows
