@@ -93,14 +93,10 @@ class FieldwiseChatAdapter(ChatAdapter):
         return self._call_postprocess(processed, signature, [text + "[[ ## completed ## ]]"], lm, lm_kwargs)
 
     async def acall(self, lm, lm_kwargs, signature, demos, inputs):
-        processed = self._call_preprocess(lm, lm_kwargs, signature, inputs)
-        messages = super().format(processed, demos, inputs)
-        text = ""
-        for name in processed.output_fields:
-            text += f"[[ ## {name} ## ]]\n"
-            turn = [*messages, {"role": "assistant", "content": text}]
-            text += _value(await lm.acall(messages=turn, **self._kwargs(lm_kwargs))) + "\n\n"
-        return self._call_postprocess(processed, signature, [text + "[[ ## completed ## ]]"], lm, lm_kwargs)
+        # One path for both: the field calls depend on each other, so nothing runs concurrently anyway.
+        import asyncio
+
+        return await asyncio.to_thread(self.__call__, lm, lm_kwargs, signature, demos, inputs)
 
     def _kwargs(self, lm_kwargs: dict[str, Any]) -> dict[str, Any]:
         if int(lm_kwargs.get("n", 1) or 1) != 1:
