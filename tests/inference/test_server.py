@@ -127,15 +127,15 @@ def test_malformed_json_and_oversize_body(served_app):
 def test_failed_batch_fails_cleanly_and_a_stopped_engine_is_restarted(served_app, monkeypatch):
     served, url = served_app
     engine = served.engine
-    original = engine._decode
+    original = engine._step
 
-    def broken(rows):
+    def broken(batch):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(engine, "_decode", broken)
+    monkeypatch.setattr(engine, "_step", broken)
     r = chat(url)
     assert r.status_code == 500 and "simulated device failure" in r.json()["error"]["message"]
-    monkeypatch.setattr(engine, "_decode", original)
+    monkeypatch.setattr(engine, "_step", original)
     assert chat(url).status_code == 200  # the engine went on
 
     engine.close()  # the worker thread is gone: the next request restarts it
