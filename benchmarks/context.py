@@ -36,8 +36,13 @@ class Bench:
 
     @property
     def grpo_engine(self) -> str:
-        """The engine of the end-to-end sections: the production one when it is benchmarked."""
-        return self.engines[0]
+        """The engine of the end-to-end sections: the one `espalier run multihop` picks on this machine
+        (`RunOptions().engine`, "auto": vLLM with CUDA, else transformers) when it is benchmarked, else the first."""
+        from espalier.inference.factory import pick_engine
+        from espalier.recipes.multihop.job import RunOptions
+
+        job = pick_engine(RunOptions().engine)
+        return job if job in self.engines else self.engines[0]
 
     @cached_property
     def model_dir(self) -> Path:

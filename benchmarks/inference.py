@@ -96,7 +96,8 @@ def load_hf(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), tokenizer
 
 
-def hf_generate(model_dir: Path, ids: list[list[int]], max_tokens: int, loaded=None) -> dict[str, float]:
+def hf_generate(model_dir: Path, ids: list[list[int]], max_tokens: int, loaded=None,
+                temperature: float = 1.0) -> dict[str, float]:
     """Tokens/s of one left-padded batch through `generate`; `loaded` = `load_hf(model_dir)` to reuse a model."""
     model, tokenizer = loaded or load_hf(model_dir)
     width = max(len(p) for p in ids)
@@ -104,7 +105,8 @@ def hf_generate(model_dir: Path, ids: list[list[int]], max_tokens: int, loaded=N
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # (B, L) left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])  # (B, L)
     kwargs = dict(
-        attention_mask=mask, max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_k=0, pad_token_id=pad
+        attention_mask=mask, max_new_tokens=max_tokens, do_sample=True, temperature=temperature, top_k=0,
+        pad_token_id=pad,
     )
     with torch.inference_mode():
         model.generate(input_ids[:1], **{**kwargs, "attention_mask": mask[:1], "max_new_tokens": 4})  # warm-up

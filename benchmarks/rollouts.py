@@ -1,7 +1,8 @@
 """Rollouts: generated tokens/s for one GRPO step's worth of concurrent `ResearchHop` runs.
 
 Espalier's server with each engine runs k x G programs (`threads` in flight), as `ArborGRPO`
-does; the alternative, plain transformers `generate`, gets the very prompts the first
+does in `espalier run multihop` (the job's adapter and sampling settings); the alternative,
+plain transformers `generate` at the same temperature, gets the very prompts the first
 engine's last repetition sent, batched by position in the run (every run's first call in
 one batch, then every second call), in a fresh process (so its memory peak is its own).
 Tokens are completion tokens up to and including EOS; wall time includes DSPy, BM25 and
@@ -15,7 +16,7 @@ from pathlib import Path
 from benchmarks.common import Section, Table, fmt, median, ratio, timed
 from benchmarks.isolated import run_isolated
 from benchmarks.memory import peak_rss_mb
-from benchmarks.program import generated_tokens, prompt_waves, rollouts
+from benchmarks.program import SAMPLING, adapter_name, generated_tokens, prompt_waves, rollouts
 
 LIMITS = (
     "On 2 CPU cores every system is compute-bound on a 135M model; the servers pay DSPy, BM25 and HTTP per call "
@@ -49,7 +50,8 @@ def engine_runs(bench, engine: str) -> tuple[dict, list]:
     return result, runs
 
 
-def hf_waves(model_dir: str, waves: list[list[list[int]]], max_tokens: int, reps: int, adapter: str) -> dict:
+def hf_waves(model_dir: str, waves: list[list[list[int]]], max_tokens: int, reps: int, adapter: str,
+             temperature: float) -> dict:
     """In a child process: `reps` passes of batched `generate` (LoRA adapter on, unmerged) over the waves."""
     from peft import PeftModel
 
@@ -59,7 +61,7 @@ def hf_waves(model_dir: str, waves: list[list[list[int]]], max_tokens: int, reps
     loaded = (PeftModel.from_pretrained(model, adapter).eval(), tokenizer)
     rates, tokens, seconds = [], [], []
     for _ in range(reps):
-        parts = [hf_generate(Path(model_dir), wave, max_tokens, loaded) for wave in waves]
+        parts = [hf_generate(Path(model_dir), wave, max_tokens, loaded, temperature) for wave in waves]
         tok, sec = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
         rates.append(tok / sec)
         tokens.append(tok)
@@ -75,18 +77,21 @@ def run(bench) -> Section:
         waves = waves or prompt_waves(last)
         if engine != bench.grpo_engine:
             bench.stop_server(engine)  # not needed again: free its memory and any idle CPU
-    runs[HF] = run_isolated(hf_waves, str(bench.model_dir), waves, s.max_tokens, s.reps, str(bench.adapter))
+    runs[HF] = run_isolated(hf_waves, str(bench.model_dir), waves, s.max_tokens, s.reps, str(bench.adapter),
+                            SAMPLING["temperature"])
     best = runs[f"Espalier server, {bench.engines[0]} engine"]["tokens_per_s"]
     rows = [[name, fmt(r["tokens_per_s"]), ratio(best, r["tokens_per_s"]) if r["tokens_per_s"] != best else "1.00x",
              fmt(r["tokens"], 0), fmt(r["seconds"], 2)] for name, r in runs.items()]
     table = Table(
         f"Rollouts: {s.k} claims x {s.G} runs of ResearchHop (num_docs={s.num_docs}, num_hops={s.num_hops}), "
-        f"{s.threads} in flight, up to {s.max_tokens} new tokens per call, temperature 1.0",
+        f"{s.threads} in flight, up to {s.max_tokens} new tokens per call, {adapter_name()}, "
+        f"temperature {SAMPLING['temperature']:g}",
         ["system", "generated tokens/s", f"{bench.engines[0]} engine's speed-up over it", "tokens (median)",
          "seconds (median)"],
         rows,
         [f"Median of {s.reps} steps after a warm-up run; server wall time includes DSPy, BM25 and HTTP.",
-         "Plain `generate` runs the same prompts as one batch per call position (no server, no adapter swap).",
+         "Plain `generate` runs the same prompts as one batch per call position (no server, no adapter swap, no "
+         "stop at the adapter's next field header, so its calls may run longer).",
          "Every system samples with the same recipe-shaped LoRA adapter active (r 8, every projection), as rollouts "
          "do after the first GRPO step."],
     )

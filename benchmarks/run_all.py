@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="espalier bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes and 3 repetitions (under 8 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions: every figure, quickly")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repetitions: checks the harness only")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="hub id, HF directory or .gguf")
-    p.add_argument("--engines", default="vllm,transformers", help="Espalier engines to compare (first = production)")
+    p.add_argument("--engines", default="vllm,transformers",
+                   help="Espalier engines to compare; the end-to-end sections use the one `espalier run` picks here")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="where the Markdown tables go")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder of JSON records")
     args = p.parse_args(argv)

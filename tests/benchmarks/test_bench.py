@@ -67,3 +67,92 @@ def test_memory_section_sums_the_measured_peaks(tmp_path):
     rows = memory.run(bench).tables[0].rows
     assert [r[1] for r in rows] == ["500", "3,000", "800", "4,300", "900", "700"]
     assert memory.peak_rss_mb() > 0  # this process, from /proc/self/status
+
+
+def test_the_benchmarked_program_runs_as_the_job_does():
+    from benchmarks.program import SAMPLING, job_adapter, make_lm
+    from espalier.program.adapter import FieldwiseChatAdapter
+    from espalier.recipes.multihop.job import RunOptions, train_kwargs_for
+
+    assert isinstance(job_adapter(), FieldwiseChatAdapter)
+    assert SAMPLING["temperature"] == RunOptions().temperature
+    assert SAMPLING.items() <= train_kwargs_for(RunOptions()).items()  # what check_sampling_agreement compares
+    lm = make_lm({"model": "m", "base_url": "http://localhost:1/v1"}, max_tokens=8)
+    assert lm.kwargs["temperature"] == RunOptions().temperature
+
+
+def test_jittered_metric_is_small_reproducible_and_shared_by_copies():
+    import copy
+
+    from benchmarks.program import JITTER, JitteredMetric
+
+    def metric(example, pred, trace=None):
+        return 0.5
+
+    first, second = JitteredMetric(metric), JitteredMetric(metric)
+    scores = [first(None, None) for _ in range(50)]
+    assert scores == [second(None, None) for _ in range(50)]  # the same seed: the same sequence
+    assert all(0.5 <= s < 0.5 + JITTER for s in scores) and len(set(scores)) == len(scores)
+    assert copy.deepcopy(first) is first  # deep-copied programs keep drawing from one RNG
+
+
+def test_jittered_rewards_make_the_trainer_compute_every_sequence(tiny_llama_factory):
+    """`grpo_step.computed` agrees with the trainer's zero-advantage skip, so `optimizer_seconds` counts right."""
+    from benchmarks.grpo_step import computed, optimizer_seconds, samples
+    from benchmarks.program import JitteredMetric
+    from espalier.config import TrainConfig
+    from espalier.training import GRPOTrainer
+    from espalier.types import Group, Sample
+
+    model_dir = tiny_llama_factory(vocab_size=512, hidden_size=32)
+    jitter = JitteredMetric(lambda example, pred, trace=None: 1.0)
+    flat = [Sample((5, 6, 7, 8), (9, 10 + i), 1.0) for i in range(8)]
+    alike = [Group(tuple(flat[i : i + 2]), key=f"g{i}") for i in range(0, 8, 2)]  # no reward variance
+    jittered = [Group(tuple(Sample(x.prompt_ids, x.completion_ids, jitter(None, None)) for x in g.samples))
+                for g in alike]
+    assert not any(computed(alike)) and all(computed(jittered))
+    kwargs = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "bf16": False, "beta": 0.0,
+              "loss_type": "dapo", "lora_config": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    trainer = GRPOTrainer(model_dir, TrainConfig.from_kwargs(kwargs))
+    for groups, trains in ((alike, False), (jittered, True)):
+        metrics = trainer.train_step(groups)
+        computed_tokens = sum(m.extra["completion_tokens"] for m in metrics)  # 1 per step that computed none
+        assert computed_tokens == (sum(len(x.completion_ids) for x in samples(groups)) if trains else len(metrics))
+        status = {"metrics": [{"num_sequences": m.num_sequences, "tokens_per_second": m.tokens_per_second}
+                              for m in metrics]}
+        assert (optimizer_seconds(status, groups) > 0) == trains
+
+
+def test_quick_sizes_keep_every_figure():
+    from benchmarks.scaling import varied
+
+    quick, full = Sizes.quick(), Sizes()
+    assert quick.reps >= 2 and quick.scaling_reps >= 2 and quick.k * quick.G >= 4 and quick.val_claims >= 1
+    assert len(quick.scaling) >= 3 and varied(quick.scaling) == "G and max new tokens"
+    assert varied(full.scaling) == "k, G and max new tokens" and varied(((1, 2, 4),)) == "size"
+
+
+def test_end_to_end_sections_use_the_jobs_engine(tmp_path):
+    from espalier.inference.factory import pick_engine
+
+    job = pick_engine("auto")
+    assert Bench(Sizes.tiny(), engines=("vllm", "transformers"), workdir=tmp_path).grpo_engine == job
+    assert Bench(Sizes.tiny(), engines=("other",), workdir=tmp_path).grpo_engine == "other"
+
+
+def test_grpo_step_section_trains_every_sequence_on_a_tiny_model(tiny_llama_factory, tmp_path):
+    """The whole section on a tiny random model and the transformers engine: the job's adapter and
+    temperature, and the jittered metric gives every group variance, so every sequence trains."""
+    from benchmarks import grpo_step
+    from benchmarks.program import SAMPLING
+
+    bench = Bench(Sizes.tiny(), model=str(tiny_llama_factory(seed=0)), engines=("transformers",), workdir=tmp_path)
+    try:
+        section = grpo_step.run(bench)
+    finally:
+        bench.close()
+    table = section.tables[0]
+    assert "FieldwiseChatAdapter" in table.title and f"temperature {SAMPLING['temperature']:g}" in table.title
+    assert section.data["trained_share"] == 1.0 and section.data["parts"]["training: optimizer steps"] > 0
+    assert all(h["groups/no_variance_share"] == 0.0 for h in section.data["history"])
+    assert len(section.data["per_step"]) == Sizes.tiny().reps
