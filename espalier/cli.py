@@ -35,7 +35,8 @@ _HELP = {
     "val_every": "validate every N steps (and before the first and after the last)",
     "val_temperature": "sampling temperature of validation (0 = greedy)",
     "temperature": "rollout sampling temperature",
-    "adapter": "fieldwise (headers written by the adapter, one call per field) | prefill | chat",
+    "adapter": "prefill (DSPy's format, first header prefilled) | fieldwise (every header written by the adapter, "
+    "one call per field) | chat (DSPy's ChatAdapter)",
     "seed": "seed for data, shuffling and sampling",
     "num_training_gpus": "GPUs for training (0 = CPU)",
     "num_inference_gpus": "GPUs for the engine (0 = CPU)",

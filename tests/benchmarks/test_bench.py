@@ -71,10 +71,9 @@ def test_memory_section_sums_the_measured_peaks(tmp_path):
 
 def test_the_benchmarked_program_runs_as_the_job_does():
     from benchmarks.program import SAMPLING, job_adapter, make_lm
-    from espalier.program.adapter import FieldwiseChatAdapter
-    from espalier.recipes.multihop.job import RunOptions, train_kwargs_for
+    from espalier.recipes.multihop.job import RunOptions, make_adapter, train_kwargs_for
 
-    assert isinstance(job_adapter(), FieldwiseChatAdapter)
+    assert type(job_adapter()) is type(make_adapter(RunOptions().adapter))
     assert SAMPLING["temperature"] == RunOptions().temperature
     assert SAMPLING.items() <= train_kwargs_for(RunOptions()).items()  # what check_sampling_agreement compares
     lm = make_lm({"model": "m", "base_url": "http://localhost:1/v1"}, max_tokens=8)
