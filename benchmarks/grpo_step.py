@@ -26,8 +26,9 @@ from benchmarks.program import JITTER, JOB, SAMPLING, JitteredMetric, adapter_na
 
 LIMITS = (
     "Read through public hooks: the trainer's optimizer time is derived from its reported tokens/s, sync from the "
-    f"job's last_swap_ms, export and IPC are the remainder; scores carry a jitter of < {JITTER:g} so every group "
-    "trains: the worst case; real steps skip groups without reward variance."
+    f"job's last_swap_ms, export and IPC are the remainder; metric scores carry a jitter of < {JITTER:g} so every "
+    "group of runs that reach the metric trains (format failures are scored without it): close to the worst case; "
+    "real steps skip groups without reward variance."
 )
 
 VAL_EVERY = JOB.val_every  # `espalier run multihop`'s validation period: validation is amortised over it
@@ -164,8 +165,9 @@ def run(bench) -> Section:
         [f"Median over {len(per_step)} steps after a warm-up step; job start (trainer process + model load) "
          f"took {init:.1f} s once.",
          "LM requests in flight include HTTP and the server's work around the engine: compute is an upper bound.",
-         f"Scores carry a jitter of < {JITTER:g} so every group trains ({100 * share:.0f}% of the sequences were "
-         "computed): the worst case; real steps skip groups without reward variance."],
+         f"Metric scores carry a jitter of < {JITTER:g}, so every group with a run that reached the metric trains "
+         f"({100 * share:.0f}% of the sequences were computed; format failures score without the metric): close "
+         "to the worst case; real steps skip groups without reward variance."],
     )
     steps = [h for h in result["history"] if h["kind"] == "step"]
     data = {"parts": parts, "per_step": per_step, "validation_pass_s": val_s, "job_start_s": init,
