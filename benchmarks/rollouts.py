@@ -79,14 +79,14 @@ def run(bench) -> Section:
             bench.stop_server(engine)  # not needed again: free its memory and any idle CPU
     runs[HF] = run_isolated(hf_waves, str(bench.model_dir), waves, s.max_tokens, s.reps, str(bench.adapter),
                             SAMPLING["temperature"])
-    best = runs[f"Espalier server, {bench.engines[0]} engine"]["tokens_per_s"]
+    best = runs[f"Espalier server, {bench.grpo_engine} engine"]["tokens_per_s"]  # the engine the job uses here
     rows = [[name, fmt(r["tokens_per_s"]), ratio(best, r["tokens_per_s"]) if r["tokens_per_s"] != best else "1.00x",
              fmt(r["tokens"], 0), fmt(r["seconds"], 2)] for name, r in runs.items()]
     table = Table(
         f"Rollouts: {s.k} claims x {s.G} runs of ResearchHop (num_docs={s.num_docs}, num_hops={s.num_hops}), "
         f"{s.threads} in flight, up to {s.max_tokens} new tokens per call, {adapter_name()}, "
         f"temperature {SAMPLING['temperature']:g}",
-        ["system", "generated tokens/s", f"{bench.engines[0]} engine's speed-up over it", "tokens (median)",
+        ["system", "generated tokens/s", f"{bench.grpo_engine} engine's speed-up over it", "tokens (median)",
          "seconds (median)"],
         rows,
         [f"Median of {s.reps} steps after a warm-up run; server wall time includes DSPy, BM25 and HTTP.",

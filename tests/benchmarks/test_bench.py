@@ -139,17 +139,12 @@ def test_end_to_end_sections_use_the_jobs_engine(tmp_path):
     assert Bench(Sizes.tiny(), engines=("other",), workdir=tmp_path).grpo_engine == "other"
 
 
-def test_grpo_step_section_trains_every_sequence_on_a_tiny_model(tiny_llama_factory, tmp_path, monkeypatch):
-    """The whole section on a tiny random model and the transformers engine: the job's adapter and
-    temperature, and the jittered metric gives every group variance, so every sequence trains.
-
-    With `--adapter fieldwise` every run reaches the metric (4 tokens per field cannot fail the
-    format), so every score is jittered; a format failure is scored without the metric."""
-    from benchmarks import grpo_step, program
-    from benchmarks.program import SAMPLING, adapter_name
-    from espalier.recipes.multihop.job import RunOptions
-
-    monkeypatch.setattr(program, "JOB", RunOptions(adapter="fieldwise"))
+def test_grpo_step_section_trains_every_sequence_on_a_tiny_model(tiny_llama_factory, tmp_path):
+    """The whole section on a tiny random model and the transformers engine, the job's temperature:
+    with the step's fieldwise adapter every run reaches the jittered metric, so every group has
+    variance and every sequence trains."""
+    from benchmarks import grpo_step
+    from benchmarks.program import SAMPLING
 
     bench = Bench(Sizes.tiny(), model=str(tiny_llama_factory(seed=0)), engines=("transformers",), workdir=tmp_path)
     try:
@@ -157,7 +152,7 @@ def test_grpo_step_section_trains_every_sequence_on_a_tiny_model(tiny_llama_fact
     finally:
         bench.close()
     table = section.tables[0]
-    assert adapter_name() in table.title and f"temperature {SAMPLING['temperature']:g}" in table.title
+    assert "FieldwiseChatAdapter" in table.title and f"temperature {SAMPLING['temperature']:g}" in table.title
     assert section.data["trained_share"] == 1.0 and section.data["parts"]["training: optimizer steps"] > 0
     assert all(h["groups/no_variance_share"] == 0.0 for h in section.data["history"])
     assert len(section.data["per_step"]) == Sizes.tiny().reps
