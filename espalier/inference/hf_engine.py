@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
-from espalier.inference.kv import DecodeBatch, PrefixCache, cache_kv, make_cache
+from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
 from espalier.inference.sampling import RowParams, sample_rows
 
 _UNKNOWN = object()  # peft's active adapter after a load or unload
@@ -164,8 +164,7 @@ class TransformersEngine:
                 if batch:
                     self._step_or_fail(batch)
         finally:
-            in_flight = list({id(r.pending): r.pending for r in batch.rows}.values())
-            _fail([*in_flight, *waiting], EngineUnavailable("the transformers engine was stopped"))
+            _fail([*_in_flight(batch), *waiting], EngineUnavailable("the transformers engine was stopped"))
 
     def _admit(self, batch: DecodeBatch, waiting: deque[_Pending]) -> None:
         """Move waiting requests of the batch's adapter into it, in arrival order, while rows are free."""
@@ -188,7 +187,7 @@ class TransformersEngine:
         """Feed the prompt (after its cached prefix), sample each row's first token, add live rows to the batch."""
         prompt = torch.tensor(p.request.prompt_ids, device=self.device)
         reused, prefix = self.prefix_cache.lookup(p.request.adapter, prompt)
-        cache = make_cache(prefix) if prefix else None
+        cache = GrowingCache(prefix) if prefix else None
         out = self.model(
             input_ids=prompt[reused:].unsqueeze(0), past_key_values=cache, use_cache=True, logits_to_keep=1
         )
@@ -208,10 +207,7 @@ class TransformersEngine:
                 self._use_adapter(batch.adapter)
                 self._step(batch)
         except Exception as e:  # the rows in flight fail, the engine goes on
-            error = EngineError(f"generation failed: {type(e).__name__}: {e}")
-            for p in {id(r.pending): r.pending for r in batch.rows}.values():
-                if not p.future.done():
-                    p.future.set_exception(error)
+            _fail(_in_flight(batch), EngineError(f"generation failed: {type(e).__name__}: {e}"))
             batch.keep([])
 
     def _step(self, batch: DecodeBatch) -> None:
@@ -282,6 +278,11 @@ class TransformersEngine:
             finish_reason=row.finish or "length",
             logprobs=tuple(row.logprobs) if row.request.logprobs else None,
         )
+
+
+def _in_flight(batch: DecodeBatch) -> list[_Pending]:
+    """The requests with rows in the batch, each once."""
+    return list({id(r.pending): r.pending for r in batch.rows}.values())
 
 
 def _fail(pendings: list[_Pending], error: Exception) -> None:

@@ -63,10 +63,6 @@ class GrowingCache(DynamicCache):
             layer.update(k, v)
 
 
-def make_cache(kv: KV) -> DynamicCache:
-    return GrowingCache(kv)
-
-
 def kv_bytes(kv: KV) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
@@ -106,10 +102,10 @@ class DecodeBatch:
         kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv] if kv[0][0].shape[0] == 1 else kv
         mask = torch.ones((n, length), dtype=torch.long, device=next_ids.device)
         if not self.rows:
-            self.rows, self.cache, self.mask, self.next_ids = list(rows), make_cache(kv), mask, next_ids
+            self.rows, self.cache, self.mask, self.next_ids = list(rows), GrowingCache(kv), mask, next_ids
             return
         width = max(self.width, length)
-        self.cache = make_cache(
+        self.cache = GrowingCache(
             [
                 (
                     torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
@@ -131,7 +127,7 @@ class DecodeBatch:
         idx = torch.tensor(indices, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         start = int(self.width - mask.sum(-1).max())
-        self.cache = make_cache(
+        self.cache = GrowingCache(
             [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in self.kv]
         )
         self.mask = mask[:, start:]
