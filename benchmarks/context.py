@@ -20,8 +20,8 @@ from typing import Any
 from benchmarks.common import Section, Sizes
 
 # In run order: the sections that use an Espalier server first, so it can be stopped before the rest.
-SECTIONS = ("rollouts", "grpo_step", "scaling", "training", "sync", "memory")
-SERVER_SECTIONS = ("rollouts", "grpo_step", "scaling")
+SECTIONS = ("rollouts", "grpo_step", "scaling", "mismatch", "training", "sync", "memory")
+SERVER_SECTIONS = ("rollouts", "grpo_step", "scaling", "mismatch")
 
 
 @dataclass

@@ -14,6 +14,13 @@ Departures from Arbor / TRL:
    trainer starts.
 5. `num_training_gpus` / `num_inference_gpus` are checked against the CUDA devices present
    by `plan_devices`, which the compiler and the job call before starting anything.
+6. `epsilon_high` defaults to 0.28, as in arbor-ai 0.2.17 (DAPO's clip-higher); TRL defaults
+   it to `epsilon`. Set `epsilon_high=epsilon` for symmetric clipping.
+7. A schedule that needs its length (`warmup_ratio`, linear, cosine) takes it from
+   `max_steps`, else from `num_train_steps` GRPO steps (ArborGRPO fills it in) times the
+   optimizer updates of the first step; with neither it is a `ValueError`, never a silent 0.
+8. `vllm_importance_sampling_correction` / `_cap` (Arbor's and TRL's names) weight each token's
+   policy loss by min(p_trainer / p_sampler, cap), whatever the engine (see trainer.py).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class TrainConfig:
 
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    # Rollout sampling; log-probs in training use the same temperature.
+    # Rollout sampling, resolved once by the compiler; the trainer's log-probs use the same temperature.
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -54,6 +61,9 @@ class TrainConfig:
     epsilon: float = 0.2
     epsilon_high: float = 0.28
     scale_rewards: ScaleRewards = "group"
+    # Truncated importance sampling: weight min(p_trainer / p_sampler, cap) on each token's policy loss.
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_cap: float = 2.0
     # Optimiser and schedule.
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
@@ -62,6 +72,7 @@ class TrainConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     max_steps: int | None = None
+    num_train_steps: int | None = None  # GRPO steps planned: the schedule's length when max_steps is unset
     # Compute.
     gradient_checkpointing: bool = False
     bf16: bool = False
@@ -91,7 +102,7 @@ class TrainConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if name in kwargs:
                 kwargs[name] = _positive_int(name, kwargs[name])
-        for name in ("max_steps", "max_prompt_length", "max_completion_length"):
+        for name in ("max_steps", "max_prompt_length", "max_completion_length", "num_train_steps"):
             if kwargs.get(name) is not None:
                 kwargs[name] = _positive_int(name, kwargs[name], allow_minus_one=name == "max_steps")
         if kwargs.get("max_steps") == -1:
@@ -127,15 +138,26 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "must be > 0 or None"),
             ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "must be in [0, 1]"),
+            ("vllm_importance_sampling_cap", self.vllm_importance_sampling_cap >= 1, "must be >= 1"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"train_kwargs[{name!r}] = {getattr(self, name)!r} {why}")
+        if self.needs_schedule_length and self.max_steps is None and self.num_train_steps is None:
+            what = f"warmup_ratio={self.warmup_ratio}" if self.warmup_ratio else f"lr_scheduler_type={self.lr_scheduler_type!r}"
+            raise ValueError(
+                f"train_kwargs: {what} needs the schedule's length: set max_steps (optimizer updates), "
+                "or num_train_steps (GRPO steps; ArborGRPO sets it), or use warmup_steps"
+            )
 
     @property
     def total_batch_size(self) -> int:
         """Sequences per optimizer step on one process (multiply by the number of processes)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def needs_schedule_length(self) -> bool:
+        return (self.warmup_ratio > 0 and not self.warmup_steps) or self.lr_scheduler_type in ("linear", "cosine")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps: `warmup_steps` when set, else `warmup_ratio` of the total."""

@@ -31,15 +31,27 @@ from typing import Any
 
 import dspy
 
-from espalier.grpo_config import CompileConfig, check_sampling_agreement
+from espalier.grpo_config import CompileConfig, resolve_sampling
 from espalier.program.provider import GRPOJobError
 from espalier.rollout.grouping import build_groups
-from espalier.rollout.report import completion_rows, duration, step_line, step_metrics
+from espalier.rollout.report import (
+    MAX_FAILED_STEPS,
+    completion_rows,
+    duration,
+    failed_for_errors,
+    first_error,
+    step_line,
+    step_metrics,
+)
 from espalier.rollout.runner import EvalResult, evaluate, rollout_program, run_rollouts
 from espalier.tracking import make_tracker
 from espalier.types import Group, Rollout
 
 logger = logging.getLogger("espalier")
+
+
+class RolloutError(RuntimeError):
+    """Rollouts keep failing for a reason other than the metric (a dead server, a broken program)."""
 
 
 class ArborGRPO(dspy.teleprompt.Teleprompter):
@@ -118,7 +130,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
     ) -> dspy.Module:
         cfg = self.config
         lm = _single_lm(student)
-        sampling = check_sampling_agreement(lm.kwargs, self.train_kwargs)
+        sampling = resolve_sampling(lm.kwargs, self.train_kwargs)
         run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S"))
         self._report_plan(student, trainset)
         overrides = {**sampling, "logprobs": True}
@@ -130,7 +142,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             programs=[rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *_teachers(teacher, student)]],
             predictors=[name for name, _ in student.named_predictors()],
             tracker=make_tracker(self.train_config.report_to, run_dir, {**asdict(cfg), **self.train_kwargs}),
-            job=lm.reinforce(train_kwargs=self.train_kwargs),
+            job=lm.reinforce(train_kwargs=self._job_kwargs(sampling)),
         )
         try:
             self._validate(run, 0)
@@ -141,6 +153,10 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         finally:
             run.tracker.close()
             _terminate(run.job)
+
+    def _job_kwargs(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        """What the trainer gets: the user's train_kwargs with the one resolved set of sampling settings."""
+        return {"num_train_steps": self.config.num_train_steps, **self.train_kwargs, **sampling}
 
     def _loop(self, run: _Session) -> int:
         """GRPO steps until num_train_steps, max_steps or Ctrl-C; returns the steps done."""
@@ -200,6 +216,12 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         t2 = time.perf_counter()
         metrics = step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
         self.history.append({"kind": "step", "step": step + 1, **metrics})
+        run.failed_steps = run.failed_steps + 1 if failed_for_errors(rollouts, groups) else 0
+        if run.failed_steps >= MAX_FAILED_STEPS:
+            raise RolloutError(
+                f"{run.failed_steps} consecutive steps had no trainable group because their runs failed, e.g. "
+                f"{first_error(rollouts)}; check that the Espalier server is up and the program runs"
+            )
         seconds = [h["time/rollouts_s"] + h["time/train_s"] for h in self.history if h["kind"] == "step"]
         eta = sum(seconds) / len(seconds) * (cfg.num_train_steps - step - 1)
         logger.info("%s, about %s left", step_line(step + 1, cfg.num_train_steps, metrics), duration(eta))
@@ -329,6 +351,7 @@ class _Session:
     tracker: Any
     job: Any  # the provider's ReinforceJob
     last_validated: int = -1
+    failed_steps: int = 0  # consecutive steps whose runs failed (not the metric) so that no group trained
     best_score: float = float("-inf")
     best_step: int = -1
     best_name: str | None = None

@@ -58,9 +58,15 @@ class CompileConfig:
             raise ValueError(f"val_temperature must be >= 0 (0 = greedy), got {self.val_temperature}")
 
 
-def check_sampling_agreement(lm_kwargs: dict[str, Any], train_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The rollout sampling settings: train_kwargs' values, which must agree with the LM's where both are set."""
-    settings = {}
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
+
+
+def resolve_sampling(lm_kwargs: dict[str, Any], train_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The one set of rollout sampling settings that both the engine and the trainer use.
+
+    Each is train_kwargs' value, else the LM's, else the OpenAI default (temperature 1.0, no
+    top_p / top_k, no repetition penalty); where both are set they must agree."""
+    settings = dict(SAMPLING_DEFAULTS)
     for key in SAMPLING_KEYS:
         lm_value, train_value = lm_kwargs.get(key), train_kwargs.get(key)
         if lm_value is not None and train_value is not None and float(lm_value) != float(train_value):

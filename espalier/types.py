@@ -14,6 +14,7 @@ Departures from DSPy/Arbor:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,6 +58,10 @@ class Sample:
             raise ValueError(
                 f"logprobs has {len(self.logprobs)} entries for {len(self.completion_ids)} completion tokens"
             )
+        if self.logprobs is not None and not all(math.isfinite(x) and x <= 1e-3 for x in self.logprobs):
+            raise ValueError("logprobs must be finite log-probabilities (<= 0); a sampled token has a finite one")
+        if not math.isfinite(self.reward):
+            raise ValueError(f"reward must be a finite number, got {self.reward}")
 
 
 @dataclass(frozen=True)

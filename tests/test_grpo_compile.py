@@ -183,6 +183,28 @@ def test_format_failures_and_errors_are_scored_and_still_trained(server, tmp_pat
     assert sum(len(g.samples) for g in sent) == 6  # the failed-format calls are trained; the errored runs made none
 
 
+def test_steps_whose_runs_all_fail_stop_the_run_with_the_reason(server, tmp_path):
+    """A dead dependency fails every run: three such steps in a row stop compile instead of 'training' on nothing."""
+    from espalier.grpo import RolloutError
+
+    class Down(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.think = dspy.Predict("question -> answer")
+
+        def forward(self, question):
+            raise ConnectionError("connection refused")
+
+    program = Down()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=2,
+                         num_train_steps=10, checkpoint="none", run_dir=str(tmp_path))
+    with pytest.raises(RolloutError, match="3 consecutive steps.*connection refused"):
+        compiler.compile(student=program, trainset=_examples(2))
+    steps = [h for h in compiler.history if h["kind"] == "step"]
+    assert len(steps) == 3 and all(h["rollouts/errors"] == 4 and h["groups/count"] == 0 for h in steps)
+
+
 def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
     program = Draft()
     program.set_lm(_lm(server))

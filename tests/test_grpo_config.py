@@ -3,7 +3,7 @@
 import pytest
 
 from espalier.grpo import ArborGRPO
-from espalier.grpo_config import check_sampling_agreement
+from espalier.grpo_config import resolve_sampling
 
 
 def _metric(example, pred, trace=None):
@@ -39,9 +39,11 @@ def test_recipe_accumulation_spelling_is_accepted():
 
 def test_sampling_settings_must_agree_with_the_lm():
     with pytest.raises(ValueError, match="temperature disagrees"):
-        check_sampling_agreement({"temperature": 0.7}, {"temperature": 1.0})
-    merged = check_sampling_agreement({"temperature": 1.0, "top_k": -1}, {"temperature": 1.0, "top_p": 0.9})
-    assert merged == {"temperature": 1.0, "top_p": 0.9, "top_k": -1}
+        resolve_sampling({"temperature": 0.7}, {"temperature": 1.0})
+    merged = resolve_sampling({"temperature": 1.0, "top_k": -1}, {"temperature": 1.0, "top_p": 0.9})
+    assert merged == {"temperature": 1.0, "top_p": 0.9, "top_k": -1, "repetition_penalty": 1.0}
+    # One source is enough: the LM's temperature alone is the trainer's temperature too.
+    assert resolve_sampling({"temperature": 0.7}, {})["temperature"] == 0.7
 
 
 def test_single_best_without_validation_data_is_an_error():

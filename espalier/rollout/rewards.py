@@ -10,6 +10,7 @@ Departures from DSPy's GRPO / Arbor:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,9 +56,12 @@ def score_run(
     except Exception as e:  # noqa: BLE001 - any failure of the user's program is a scored rollout
         return Scored(failure_score, f"error: {type(e).__name__}: {str(e)[:300]}")
     try:
-        return Scored(float(metric(example, prediction)), None, prediction)
+        score = float(metric(example, prediction))
     except Exception as e:  # noqa: BLE001
         return Scored(failure_score, f"metric: {type(e).__name__}: {str(e)[:300]}", prediction)
+    if not math.isfinite(score):  # a NaN reward would reach the weights
+        return Scored(failure_score, f"metric: returned {score}", prediction)
+    return Scored(score, None, prediction)
 
 
 def _fields(error: AdapterParseError) -> str:

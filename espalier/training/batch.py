@@ -3,8 +3,11 @@
 Departures from TRL / Arbor:
 1. Nothing is re-tokenised: a sequence is the engine's prompt ids followed by its completion
    ids (Arbor re-renders both with another adapter).
-2. Truncation is counted, never silent: prompts lose tokens from the left (the end of the
-   prompt is what the completion follows), completions from the right.
+2. Limits are counted, never silent. A prompt over `max_prompt_length` drops its sequence:
+   its completion was sampled after the whole prompt, so training it on a shorter one would
+   train on a context the policy never saw (TRL cuts prompts before sampling; a DSPy program's
+   prompts are built by its adapter, so the limit can only be checked here). A completion over
+   `max_completion_length` keeps its first tokens: their context is unchanged.
 3. Left-padded prompts put every completion at the same columns, so the model only computes
    logits for the completion block (`logits_to_keep`), never for prompt positions.
 """
@@ -25,13 +28,13 @@ class TrainSequence:
     completion_ids: tuple[int, ...]
     reward: float
     advantage: float
-    old_logprobs: tuple[float, ...] | None
+    sampling_logprobs: tuple[float, ...] | None  # the engine's, for the sampler/trainer correction only
 
 
 @dataclass(frozen=True)
 class Truncation:
-    prompts: int = 0
-    completions: int = 0
+    prompts: int = 0  # sequences dropped: prompt over max_prompt_length
+    completions: int = 0  # completions cut to max_completion_length
 
 
 @dataclass
@@ -42,6 +45,8 @@ class MicroBatch:
     completion_ids: torch.Tensor  # (B, C)
     completion_mask: torch.Tensor  # (B, C) float, 1 on real completion tokens
     advantages: torch.Tensor  # (B,)
+    sampling_logprobs: torch.Tensor  # (B, C) the engine's sampling log-probs, 0 where absent
+    sampling_mask: torch.Tensor  # (B, C) 1 where the engine gave a log-prob
     indices: list[int]  # positions of these sequences in the step's list
 
     @property
@@ -59,27 +64,31 @@ def build_sequences(
     max_prompt_length: int | None,
     max_completion_length: int | None,
 ) -> tuple[list[TrainSequence], Truncation]:
-    """Flatten groups into sequences (group order, then sample order), truncating as configured."""
+    """Flatten groups into sequences (group order, then sample order), applying the limits as configured."""
     samples = [s for g in groups for s in g.samples]
-    out, cut_prompts, cut_completions = [], 0, 0
+    out, long_prompts, cut_completions = [], 0, 0
     for sample, advantage in zip(samples, advantages, strict=True):
         prompt, completion, logprobs = sample.prompt_ids, sample.completion_ids, sample.logprobs
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            prompt, cut_prompts = prompt[len(prompt) - max_prompt_length :], cut_prompts + 1
+            long_prompts += 1
+            continue
         if max_completion_length is not None and len(completion) > max_completion_length:
             completion, cut_completions = completion[:max_completion_length], cut_completions + 1
             logprobs = None if logprobs is None else logprobs[:max_completion_length]
         out.append(TrainSequence(prompt, completion, sample.reward, advantage, logprobs))
-    return out, Truncation(cut_prompts, cut_completions)
+    return out, Truncation(long_prompts, cut_completions)
 
 
 def collate(sequences: Sequence[TrainSequence], indices: Sequence[int], pad_id: int) -> MicroBatch:
     """Pad a list of sequences into one micro-batch (see module docstring for the layout)."""
     width_p = max(len(s.prompt_ids) for s in sequences)
     width_c = max(len(s.completion_ids) for s in sequences)
-    rows, masks, completions, completion_masks = [], [], [], []
+    rows, masks, completions, completion_masks, sampled, sampled_masks = [], [], [], [], [], []
     for s in sequences:
         pad_left, pad_right = width_p - len(s.prompt_ids), width_c - len(s.completion_ids)
+        given = list(s.sampling_logprobs or ())
+        sampled.append(given + [0.0] * (width_c - len(given)))
+        sampled_masks.append([1.0] * len(given) + [0.0] * (width_c - len(given)))
         rows.append([pad_id] * pad_left + list(s.prompt_ids) + list(s.completion_ids) + [pad_id] * pad_right)
         masks.append([0] * pad_left + [1] * (len(s.prompt_ids) + len(s.completion_ids)) + [0] * pad_right)
         completions.append(list(s.completion_ids) + [pad_id] * pad_right)
@@ -93,6 +102,8 @@ def collate(sequences: Sequence[TrainSequence], indices: Sequence[int], pad_id: 
         completion_ids=torch.tensor(completions),
         completion_mask=torch.tensor(completion_masks),
         advantages=torch.tensor([s.advantage for s in sequences], dtype=torch.float32),
+        sampling_logprobs=torch.tensor(sampled, dtype=torch.float32),
+        sampling_mask=torch.tensor(sampled_masks),
         indices=list(indices),
     )
 

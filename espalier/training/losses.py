@@ -9,8 +9,10 @@ loss (the trainer sums gradients over micro-batches and over processes, never av
     dr_grpo  sum_it l_it / (L * N)                sum over a fixed length L, divided by L x N sequences
     dapo     sum_it l_it / T                      token mean over the T completion tokens of the optimizer batch
 
-with l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * KL_it,
-rho = exp(logp - logp_old) and KL_it = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator).
+with l_it = -w_it min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * KL_it,
+rho = exp(logp - logp_old), KL_it = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator), and
+w_it = min(exp(logp_old - logp_sampler), cap) the truncated importance-sampling weight (1 when
+the correction is off or the sampler gave no log-prob).
 
 Departures from the paper / TRL / Arbor:
 1. grpo, dr_grpo and dapo do not depend on how the optimizer batch is cut into micro-batches
@@ -53,17 +55,44 @@ def token_loss(
     epsilon_high: float,
     ref_logp: torch.Tensor | None = None,  # (B, T) adapter-free log-probs, only when beta > 0
     beta: float = 0.0,
+    weight: torch.Tensor | None = None,  # (B, T) detached TIS weights, None = 1
 ) -> TokenLoss:
-    """The clipped surrogate (plus beta * KL) for every completion token."""
+    """The clipped surrogate (weighted, plus beta * KL) for every completion token."""
     ratio = torch.exp(logp - old_logp)  # (B, T)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # (B, T)
     adv = advantages.unsqueeze(1)  # (B, 1)
     loss = -torch.min(ratio * adv, clipped * adv)  # (B, T)
+    if weight is not None:
+        loss = loss * weight
     if ref_logp is None:
         return TokenLoss(loss, ratio, torch.zeros_like(loss))
     delta = ref_logp - logp  # (B, T)
     kl = torch.exp(delta) - delta - 1  # (B, T)
     return TokenLoss(loss + beta * kl, ratio, kl)
+
+
+class Correction(NamedTuple):
+    weight: torch.Tensor  # (B, T) detached TIS weight; 1 where the sampler gave no log-prob
+    counts: list[float]  # tokens with a sampler log-prob, sum |gap|, tokens with |gap| > 0.1, weights capped
+
+
+MISMATCH_THRESHOLD = 0.1  # nats: the sampler's and the trainer's probability differ by more than ~10%
+
+
+def sampling_correction(
+    old_logp: torch.Tensor,  # (B, T) the trainer's log-probs of the policy that sampled
+    sampler_logp: torch.Tensor,  # (B, T) the engine's sampling log-probs (anything where absent)
+    present: torch.Tensor,  # (B, T) 1 on completion tokens that have a sampler log-prob
+    cap: float | None,  # None: no correction, weights 1 (the gap is still measured)
+) -> Correction:
+    """Truncated importance sampling between the sampler and the trainer (verl / TRL's TIS)."""
+    has = present.bool()  # (B, T)
+    gap = torch.where(has, old_logp.detach() - sampler_logp, torch.zeros_like(old_logp))  # (B, T)
+    raw = torch.exp(gap)  # (B, T)
+    weight = torch.ones_like(raw) if cap is None else torch.where(has, raw.clamp(max=cap), torch.ones_like(raw))
+    capped = 0.0 if cap is None else ((raw > cap) & has).sum().item()
+    counts = [has.sum().item(), gap.abs().sum().item(), ((gap.abs() > MISMATCH_THRESHOLD) & has).sum().item(), capped]
+    return Correction(weight, [float(c) for c in counts])
 
 
 def grpo_loss(loss: torch.Tensor, mask: torch.Tensor, norm: Normalizer) -> torch.Tensor:

@@ -9,13 +9,20 @@ update per optimizer batch.
 Departures from the paper / TRL / Arbor:
 1. Every sample of every group is trained on; the last optimizer batch may be short (Arbor
    trains one group per optimizer step and discards most rollouts).
-2. The "old" policy is the one that sampled: the engine's sampling log-probs when given;
-   otherwise the pre-update policy's, computed once before the step's first update (eval
-   mode, i.e. no LoRA dropout), except for the step's first optimizer batch, where the
-   pre-update policy is the current one and its log-probs are taken from the same forward
-   pass (detached; ratio exactly 1, as TRL does), which saves a forward.
-3. Log-probs are taken at the sampling temperature (logits / temperature), in fp32 even
-   under bf16 autocast.
+2. The ratio's "old" policy is the trainer's own forward pass of the policy that sampled (the
+   weights before the step's first update, at the resolved sampling temperature), so every
+   ratio is exactly 1 before the first update whatever the sampler did: on the step's first
+   optimizer batch it is the same forward pass, detached (as TRL does), which saves a forward;
+   for later batches it is computed once before the first update, in eval mode (the engine
+   samples without dropout). The current policy's forward runs in train mode, so a LoRA
+   dropout > 0 adds its noise to later ratios, as in TRL.
+3. The engine's sampling log-probs never stand in for "old": they differ from the trainer's by
+   what the trainer does not model (top_p, top_k, repetition_penalty, kernels, bf16). They
+   serve only truncated importance sampling (TIS, as in verl and TRL): each token's policy
+   loss is weighted by min(exp(logp_old - logp_sampler), vllm_importance_sampling_cap), and
+   the gap is logged every step (`mismatch_*` in `extra`). Log-probs are taken at the
+   sampling temperature (logits / temperature), in fp32 even under bf16 autocast; top_p,
+   top_k and repetition_penalty shape sampling only, as in TRL and verl.
 4. The KL reference is the adapter-free base model (peft `disable_adapter()`), computed only
    when beta > 0; there is no reference copy of the weights.
 5. Gradient accumulation: losses are normalised by counts of the whole optimizer batch (see
@@ -29,6 +36,7 @@ Departures from the paper / TRL / Arbor:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -45,11 +53,19 @@ from espalier.training.batch import MicroBatch, TrainSequence, build_sequences, 
 from espalier.training.checkpoint import atomic_directory
 from espalier.training.distributed import Processes, SingleProcess
 from espalier.training.lora import apply_lora
-from espalier.training.losses import REDUCTIONS, Normalizer, clip_fractions, selective_log_softmax, token_loss
-from espalier.training.optim import build_optimizer, build_scheduler
+from espalier.training.losses import (
+    REDUCTIONS,
+    Normalizer,
+    clip_fractions,
+    sampling_correction,
+    selective_log_softmax,
+    token_loss,
+)
+from espalier.training.optim import build_optimizer, build_scheduler, schedule_length
 from espalier.types import Group, StepMetrics
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+log = logging.getLogger(__name__)
 
 
 class GRPOTrainer:
@@ -70,7 +86,10 @@ class GRPOTrainer:
         self.model = apply_lora(base, config.lora_config, self.model_path).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, config)
-        self.scheduler = build_scheduler(self.optimizer, config)
+        # A schedule whose length depends on the updates per GRPO step is built at the first step.
+        needs_length = config.needs_schedule_length and config.max_steps is None
+        self.scheduler = None if needs_length else build_scheduler(self.optimizer, config, config.max_steps)
+        self.schedule_total: int | None = config.max_steps
         self.reduce = REDUCTIONS[config.loss_type]
         self.optimizer_steps = 0
         self.record_path: Path | None = None  # when set, every fed sequence is appended here (JSONL)
@@ -84,15 +103,20 @@ class GRPOTrainer:
         advantages = compute_advantages(groups, cfg.scale_rewards)
         sequences, truncation = build_sequences(groups, advantages, cfg.max_prompt_length, cfg.max_completion_length)
         batches = chunks(range(len(sequences)), cfg.total_batch_size * world)
+        if self.scheduler is None:
+            self._build_scheduler(schedule_length(cfg, len(batches)))
         room = math.inf if cfg.max_steps is None else max(cfg.max_steps - self.optimizer_steps, 0)
         trained, skipped = batches[: int(min(room, len(batches)))], batches[int(min(room, len(batches))) :]
         needed = [i for b in trained[1:] for i in b[self.processes.rank :: world] if self._needs_compute(sequences[i])]
         old = self._old_logprobs(sequences, needed)
         metrics = [self._optimizer_step(sequences, batch, old) for batch in trained]
-        extra = {"truncated_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions)}
+        extra = {"dropped_long_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions)}
         if skipped or room == 0:
             extra |= {"max_steps_reached": 1.0, "sequences_not_trained": float(sum(len(b) for b in skipped))}
-            metrics = metrics or [self._empty_metrics(sequences)]
+        if truncation.prompts:
+            log.warning("%d sequence(s) dropped: prompt over max_prompt_length=%s", truncation.prompts,
+                        cfg.max_prompt_length)
+        metrics = metrics or [self._empty_metrics(sequences)]
         for m in metrics:
             m.extra.update(extra)
         return metrics
@@ -113,8 +137,10 @@ class GRPOTrainer:
             fixed_length=cfg.max_completion_length or max(lengths),
         )
         self.model.train()
-        # loss, low-clipped, high-clipped, kl sum, completion tokens, all tokens (this process)
-        stats = torch.zeros(6, dtype=torch.float64)
+        # loss, low-clipped, high-clipped, kl sum, completion tokens, all tokens, then the sampler gap
+        # (tokens with sampling log-probs, sum |gap|, tokens with |gap| > 0.1, TIS weights capped), this process
+        stats = torch.zeros(10, dtype=torch.float64)
+        ratio_dev = torch.zeros(world, dtype=torch.float64)  # max |ratio - 1| of each process, in its own slot
         for indices in micro:
             mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
             self._record(mb)
@@ -123,24 +149,31 @@ class GRPOTrainer:
                 ref = self._reference_logprobs(mb) if cfg.beta > 0 else None  # (B, C) | None
             old_logp = self._stack_old(old, mb, logp.detach())  # (B, C)
             mask = mb.completion_mask  # (B, C)
-            terms = token_loss(logp, old_logp, mb.advantages, cfg.epsilon, cfg.epsilon_high, ref, cfg.beta)
+            correction = sampling_correction(old_logp, mb.sampling_logprobs, mb.sampling_mask * mask, self._tis_cap)
+            terms = token_loss(
+                logp, old_logp, mb.advantages, cfg.epsilon, cfg.epsilon_high, ref, cfg.beta, correction.weight
+            )
             loss = self.reduce(terms.loss, mask, norm)
             loss.backward()
-            low, high = clip_fractions(terms.ratio.detach(), mb.advantages, mask, cfg.epsilon, cfg.epsilon_high)
+            ratio = terms.ratio.detach()  # (B, C)
+            low, high = clip_fractions(ratio, mb.advantages, mask, cfg.epsilon, cfg.epsilon_high)
             kl = (terms.kl.detach() * mask).sum().item()
-            stats += torch.tensor([loss.item(), low, high, kl, mask.sum().item(), mb.attention_mask.sum().item()])
+            head = [loss.item(), low, high, kl, mask.sum().item(), mb.attention_mask.sum().item()]
+            stats += torch.tensor(head + correction.counts)
+            dev = ((ratio - 1).abs() * mask).max().item()
+            ratio_dev[procs.rank] = max(ratio_dev[procs.rank].item(), dev)
         for p in self.params:  # a batch of zero-advantage sequences still takes its (zero-gradient) AdamW step
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._sum_gradients()
-        stats = procs.sum_(stats)
+        stats, ratio_dev = procs.sum_(stats), procs.sum_(ratio_dev)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
-        learning_rate = self.scheduler.get_last_lr()[0]
+        learning_rate = self.scheduler.get_last_lr()[0]  # built by train_step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        loss, low, high, kl, tokens, all_tokens = stats.tolist()
+        loss, low, high, kl, tokens, all_tokens, sampled, gap, far, capped = stats.tolist()
         tokens = max(tokens, 1.0)  # a batch of zero-advantage sequences computes none
         rewards = torch.tensor([sequences[i].reward for i in batch], dtype=torch.float64)  # (N,)
         advs = torch.tensor([sequences[i].advantage for i in batch], dtype=torch.float64)  # (N,)
@@ -159,7 +192,15 @@ class GRPOTrainer:
             grad_norm=grad_norm.item(),
             learning_rate=learning_rate,
             num_sequences=len(batch),
-            extra={"completion_tokens": tokens, "micro_batches": float(norm.num_micro_batches)},
+            extra={
+                "completion_tokens": tokens,
+                "micro_batches": float(norm.num_micro_batches),
+                "ratio_max_deviation": ratio_dev.max().item(),
+                "mismatch_tokens": sampled,  # computed tokens that came with the sampler's log-probs
+                "mismatch_mean_abs_logprob": gap / max(sampled, 1.0),
+                "mismatch_share_over_0.1": far / max(sampled, 1.0),
+                "mismatch_tis_capped_share": capped / max(sampled, 1.0),
+            },
         )
 
     # ---- pieces ---------------------------------------------------------------------------
@@ -185,6 +226,14 @@ class GRPOTrainer:
             for row in fed_rows(mb):
                 f.write(json.dumps({"optimizer_step": self.optimizer_steps + 1, "computed": computed, **row}) + "\n")
 
+    @property
+    def _tis_cap(self) -> float | None:
+        cfg = self.config
+        return cfg.vllm_importance_sampling_cap if cfg.vllm_importance_sampling_correction else None
+
+    def _build_scheduler(self, total: int | None) -> None:
+        self.scheduler, self.schedule_total = build_scheduler(self.optimizer, self.config, total), total
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
@@ -198,6 +247,8 @@ class GRPOTrainer:
             logits_to_keep=width + 1,
             use_cache=False,
         )
+        if out.logits.shape[1] != width + 1:  # a model ignoring logits_to_keep would align prompt positions
+            raise RuntimeError(f"the model returned {out.logits.shape[1]} logit positions for logits_to_keep={width + 1}")
         logits = out.logits[:, :-1].float() / self.config.temperature  # (B, C, V): position t predicts token t + 1
         return selective_log_softmax(logits, mb.completion_ids)  # (B, C)
 
@@ -208,13 +259,10 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _old_logprobs(self, sequences: list[TrainSequence], needed: list[int]) -> dict[int, torch.Tensor]:
-        """Sampling log-probs where given; the pre-update policy's for `needed` sequences lacking them."""
-        old = {i: torch.tensor(s.old_logprobs) for i, s in enumerate(sequences) if s.old_logprobs is not None}
-        missing = [i for i in needed if i not in old]
-        if not missing:
-            return old
+        """The pre-update policy's log-probs of the `needed` sequences (eval mode: the sampler has no dropout)."""
+        old: dict[int, torch.Tensor] = {}
         self.model.eval()
-        for indices in chunks(missing, self.config.per_device_train_batch_size):
+        for indices in chunks(needed, self.config.per_device_train_batch_size):
             mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
             with self._autocast():
                 logp = self._logprobs(mb).cpu()  # (B, C)
@@ -224,7 +272,7 @@ class GRPOTrainer:
 
     @staticmethod
     def _stack_old(old: dict[int, torch.Tensor], mb: MicroBatch, current: torch.Tensor) -> torch.Tensor:
-        """(B, C) old log-probs; rows without any are the current (pre-update) policy's, detached."""
+        """(B, C) old log-probs; rows of the step's first optimizer batch are the current forward's, detached."""
         rows = []
         for row, i in enumerate(mb.indices):
             if i not in old:
@@ -245,7 +293,7 @@ class GRPOTrainer:
             offset += g.numel()
 
     def _empty_metrics(self, sequences: list[TrainSequence]) -> StepMetrics:
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.config.learning_rate
         return StepMetrics(self.optimizer_steps, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, lr, 0)
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -268,13 +316,14 @@ class GRPOTrainer:
                 torch.save(
                     {
                         "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
+                        "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate(),
                     },
                     tmp / "trainer_state.pt",
                 )
-                (tmp / "trainer_state.json").write_text(json.dumps({"optimizer_steps": self.optimizer_steps}))
+                state = {"optimizer_steps": self.optimizer_steps, "schedule_total": self.schedule_total}
+                (tmp / "trainer_state.json").write_text(json.dumps(state))
         self.processes.barrier()
 
     def load_checkpoint(self, directory: Path | str) -> None:
@@ -283,8 +332,12 @@ class GRPOTrainer:
         directory = Path(directory)
         peft.set_peft_model_state_dict(self.model, load_file(directory / "adapter" / ADAPTER_WEIGHTS))
         state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        counters = json.loads((directory / "trainer_state.json").read_text())
+        if self.scheduler is None:
+            self._build_scheduler(counters.get("schedule_total"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scheduler"] is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        self.optimizer_steps = json.loads((directory / "trainer_state.json").read_text())["optimizer_steps"]
+        self.optimizer_steps = counters["optimizer_steps"]

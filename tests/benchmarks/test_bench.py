@@ -75,7 +75,7 @@ def test_the_benchmarked_program_runs_as_the_job_does():
 
     assert type(job_adapter()) is type(make_adapter(RunOptions().adapter))
     assert SAMPLING["temperature"] == RunOptions().temperature
-    assert SAMPLING.items() <= train_kwargs_for(RunOptions()).items()  # what check_sampling_agreement compares
+    assert SAMPLING.items() <= train_kwargs_for(RunOptions()).items()  # what resolve_sampling compares
     lm = make_lm({"model": "m", "base_url": "http://localhost:1/v1"}, max_tokens=8)
     assert lm.kwargs["temperature"] == RunOptions().temperature
 
@@ -156,3 +156,18 @@ def test_grpo_step_section_trains_every_sequence_on_a_tiny_model(tiny_llama_fact
     assert section.data["trained_share"] == 1.0 and section.data["parts"]["training: optimizer steps"] > 0
     assert all(h["groups/no_variance_share"] == 0.0 for h in section.data["history"])
     assert len(section.data["per_step"]) == Sizes.tiny().reps
+
+
+def test_mismatch_section_on_a_tiny_model(tiny_llama_factory, tmp_path):
+    """The trainer holds the served adapter and trains at lr 0: ratios stay 1; the fp32 gap is tiny, the bf16 one not."""
+    from benchmarks import mismatch
+
+    bench = Bench(Sizes.tiny(), model=str(tiny_llama_factory(seed=0)), engines=("transformers",), workdir=tmp_path)
+    try:
+        section = mismatch.run(bench)
+    finally:
+        bench.close()
+    bf16, fp32 = section.data["rows"].values()
+    assert bf16["tokens"] == fp32["tokens"] > 0
+    assert fp32["ratio_max_deviation"] < 1e-3 and bf16["ratio_max_deviation"] < 1e-3
+    assert fp32["mismatch_mean_abs_logprob"] < 1e-3 < bf16["mismatch_mean_abs_logprob"]

@@ -118,20 +118,37 @@ def test_completion_logprobs_equal_a_full_forward(tiny_llama_dir: Path) -> None:
             assert ours[row, : len(expected)].tolist() == pytest.approx(expected, abs=1e-5)
 
 
-def test_sampling_logprobs_are_the_old_policy(tiny_llama_dir: Path) -> None:
-    shifted = [
-        Group(
-            tuple(
-                Sample(s.prompt_ids, s.completion_ids, s.reward, logprobs=(-50.0,) * len(s.completion_ids))
-                for s in g.samples
-            )
-        )
+def _with_sampler_logprobs(value: float) -> list[Group]:
+    return [
+        Group(tuple(Sample(s.prompt_ids, s.completion_ids, s.reward, logprobs=(value,) * len(s.completion_ids))
+                    for s in g.samples))
         for g in GROUPS
     ]
-    [metrics] = _trainer(tiny_llama_dir, per_device_train_batch_size=4).train_step(shifted)
-    # ratio = exp(logp + 50) is huge: every positive-advantage token is clipped high, no negative one low.
-    assert metrics.clip_ratio_high == pytest.approx((2 + 4) / 10)
-    assert metrics.clip_ratio_low == 0.0
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_sampler_logprobs_never_change_the_ratio_only_the_capped_weight(tiny_llama_dir: Path, correction: bool) -> None:
+    """Sampler log-probs of -50 (a wildly different sampler): ratios stay exactly 1, nothing is clipped;
+    with the correction every token's weight min(exp(logp + 50), 2) is capped at 2, so the loss doubles."""
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=4, loss_type="dapo",
+                       vllm_importance_sampling_correction=correction)
+    [metrics] = trainer.train_step(_with_sampler_logprobs(-50.0))
+    assert metrics.extra["ratio_max_deviation"] == 0.0
+    assert metrics.clip_ratio_high == 0.0 and metrics.clip_ratio_low == 0.0
+    assert metrics.loss == pytest.approx((2.0 if correction else 1.0) * _first_step_hand_loss("dapo", 4), abs=1e-6)
+    assert metrics.extra["mismatch_tokens"] == 10
+    assert metrics.extra["mismatch_share_over_0.1"] == 1.0
+    assert metrics.extra["mismatch_tis_capped_share"] == (1.0 if correction else 0.0)
+    assert metrics.extra["mismatch_mean_abs_logprob"] > 40
+
+
+def test_later_optimizer_batches_use_the_trainers_own_old_logprobs(tiny_llama_dir: Path) -> None:
+    """Four optimizer batches at lr 0: the pre-update forward is the 'old' policy, so every ratio is 1."""
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=1, learning_rate=0.0)
+    metrics = trainer.train_step(_with_sampler_logprobs(-3.0))
+    assert len(metrics) == 4
+    assert max(m.extra["ratio_max_deviation"] for m in metrics) < 1e-5
+    assert all(m.clip_ratio_low == 0.0 and m.clip_ratio_high == 0.0 for m in metrics)
 
 
 def test_every_sample_is_trained_and_max_steps_caps(tiny_llama_dir: Path) -> None:
@@ -148,11 +165,13 @@ def test_every_sample_is_trained_and_max_steps_caps(tiny_llama_dir: Path) -> Non
     assert third[0].extra["sequences_not_trained"] == 12
 
 
-def test_truncation_is_counted(tiny_llama_dir: Path) -> None:
+def test_long_prompts_are_dropped_and_long_completions_cut_counted(tiny_llama_dir: Path) -> None:
+    """Group a's prompts (3 tokens) are over max_prompt_length 2: dropped, never trained on a cut prompt."""
     trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=4, max_prompt_length=2, max_completion_length=3)
     [metrics] = trainer.train_step(GROUPS)
-    assert metrics.extra["truncated_prompts"] == 2 and metrics.extra["truncated_completions"] == 1
-    assert metrics.completion_length_max == 3 and metrics.extra["completion_tokens"] == 9
+    assert metrics.extra["dropped_long_prompts"] == 2 and metrics.extra["truncated_completions"] == 1
+    assert metrics.num_sequences == 2 and metrics.completion_length_max == 3
+    assert metrics.extra["completion_tokens"] == 6
 
 
 @pytest.mark.parametrize("options", [{"bf16": True}, {"gradient_checkpointing": True, "beta": 0.05}])
@@ -173,6 +192,17 @@ def test_schedulers_warm_up_and_decay(tiny_llama_dir: Path) -> None:
     assert lrs == pytest.approx([0.0, 5e-3, 1e-2, 1e-2 * 3 / 4])
     with pytest.raises(ValueError, match="max_steps"):
         _trainer(tiny_llama_dir, lr_scheduler_type="cosine")
+    with pytest.raises(ValueError, match="num_train_steps"):
+        _trainer(tiny_llama_dir, warmup_ratio=0.5)
+
+
+def test_warmup_ratio_without_max_steps_spans_the_planned_updates(tiny_llama_dir: Path) -> None:
+    """num_train_steps 2 GRPO steps x 4 updates (4 sequences, batches of 1) = 8 updates; ratio 0.5 -> 4 warm-up."""
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=1, lr_scheduler_type="constant_with_warmup",
+                       warmup_ratio=0.5, num_train_steps=2)
+    lrs = [m.learning_rate for m in trainer.train_step(GROUPS) + trainer.train_step(GROUPS)]
+    assert trainer.schedule_total == 8
+    assert lrs == pytest.approx([0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2, 1e-2])
 
 
 def test_skipping_zero_advantage_sequences_changes_nothing_but_time(tiny_llama_dir: Path) -> None:
