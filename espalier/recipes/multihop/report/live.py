@@ -66,7 +66,7 @@ class LiveReport:
         model = program.predictors()[0].lm.model
         best = model.split("@", 1)[1] if "@" in model else None
         try:
-            self.after, self.after_label = self._score(program, "report: best checkpoint examples"), best or "returned"
+            self.after, self.after_label = self._score(program, "report: best checkpoint examples"), f"returned program ({best or 'current policy'})"
             self._update(saved_checkpoints(self.run_dir), best, finished=True)
         except Exception:  # noqa: BLE001 - the run is done; its summary must still be printed
             logger.exception("could not write the final report")

@@ -111,7 +111,7 @@ def _examples(page: ReportPage) -> str:
 
 def _outcome(r: ExampleResult) -> str:
     gold = {normalize_title(t) for t in r.gold_titles}
-    queries = "".join(f"<li>{escape(q[:200])}</li>" for q in r.queries)
+    queries = "".join(f"<li>{escape(q[:200]) if q.strip() else '<i>(empty)</i>'}</li>" for q in r.queries)
     titles = ", ".join(f"<span class='gold'>{escape(t)}</span>" if normalize_title(t) in gold else escape(t)
                        for t in r.retrieved_titles)
     failure = f"<div class='fail'>{escape(r.failure[:160])}</div>" if r.failure else ""

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window, whatever the user's backend
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from espalier.recipes.multihop.report.curves import Curves  # noqa: E402
 
@@ -33,6 +34,7 @@ def _axes_pair(rows: int = 1):
     fig, axes = plt.subplots(rows, 2, figsize=(11, 3.2 * rows), squeeze=False)
     for ax in axes[:, 0]:
         ax.set_xlabel("GRPO step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 1]:
         ax.set_xlabel("wall time (min)")
     for ax in axes.flat:
@@ -86,6 +88,7 @@ def _time(c: Curves):
     ax.bar(steps, val, bottom=[r + t for r, t in zip(roll, train, strict=True)], color=COLORS["validation"],
            label="validation")
     ax.set_xlabel("GRPO step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("minutes")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="best", fontsize=8)
