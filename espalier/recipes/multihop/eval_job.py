@@ -75,8 +75,9 @@ def run_eval(opts: EvalOptions) -> tuple[dict, list[ExampleResult]]:
                                adapter=target.adapter_dir, run_dir=str(target.home / "eval" / "server"))
         base_url, api_key = server["base_url"], server.get("api_key")
     program = ResearchHop(num_docs=m.num_docs, num_hops=m.num_hops, search=BM25Retriever(data.corpus))
-    if target.program_file is not None:
-        program.load(str(target.program_file))
+    if target.program_file is not None:  # its instructions and demos; its LM is replaced just below
+        state = json.loads(target.program_file.read_text())
+        program.load_state({k: {**v, "lm": None} if isinstance(v, dict) else v for k, v in state.items()})
     program.set_lm(_lm(m, target.checkpoint, base_url, api_key))
     results = score_examples(program, examples, opts.threads, make_adapter(m.adapter), desc=f"eval {opts.split}")
     output = Path(opts.output) if opts.output else _default_output(target, opts.data or m.data, opts.split)
@@ -171,7 +172,9 @@ def _lm(m: RunManifest, checkpoint: str, base_url: str, api_key: str | None) -> 
 
 
 def _default_output(target: EvalTarget, spec: str, split: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(spec).name if ":" in spec else spec).strip("-")[:60] or "data"
+    kind, _, where = spec.partition(":")
+    name = f"{kind}-{Path(where).stem}" if where else kind  # hotpotqa:/data/dev.json -> hotpotqa-dev
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:60] or "data"
     return target.home / "eval" / f"{target.checkpoint}-{slug}-{split}.jsonl"
 
 
