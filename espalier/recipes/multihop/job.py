@@ -1,7 +1,9 @@
 """The main job: `espalier run multihop`. Server, data, retriever, baseline, GRPO, summary.
 
 Everything the tutorial's notebook does by hand, with CPU-sized defaults (`RunOptions`),
-progress throughout, and a plain summary at the end (also written to `summary.json`).
+progress throughout, and a plain summary at the end (also written to `summary.json`). The run
+directory also gets `run.json` (what `espalier eval` needs) and `report.html`, both refreshed at
+every validation.
 
 Departures from the tutorial:
 1. The LM's adapter is `PrefillChatAdapter`: DSPy's ChatAdapter with the first output
