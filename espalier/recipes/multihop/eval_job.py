@@ -106,7 +106,8 @@ def resolve_target(opts: EvalOptions) -> EvalTarget:
                              f"pass --base-url of a server that serves it (`espalier serve --adapter DIR`)")
         return EvalTarget(manifest, checkpoint, None, program_file, path.parent)
     manifest = _overridden(RunManifest.read(run_dir), opts)
-    checkpoint = opts.checkpoint or manifest.best_checkpoint or saved or "base"
+    named = [saved, manifest.best_checkpoint] if path.is_file() else [manifest.best_checkpoint, saved]
+    checkpoint = opts.checkpoint or next((c for c in named if c), "base")  # a program file: its own checkpoint
     return EvalTarget(manifest, checkpoint, manifest.adapter_dir(run_dir, checkpoint), program_file, run_dir)
 
 
