@@ -66,7 +66,7 @@ _EVAL_HELP = {
     "base_url": "a running Espalier server (http://host:port/v1) that serves the checkpoint [default: start one]",
     "api_key": "API key of --base-url's server",
     "engine": "engine of the started server [default: the run's]",
-    "model": "served model, for a program.json outside a run directory [default: the one it names]",
+    "model": "served model [default: the run's, or the one a program.json names]",
     "adapter": "prefill | fieldwise | chat [default: the run's; prefill outside a run directory]",
     "num_docs": "passages per search (0 = the run's)",
     "num_hops": "searches per run (0 = the run's)",

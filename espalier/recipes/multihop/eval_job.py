@@ -64,6 +64,7 @@ def run_eval(opts: EvalOptions) -> tuple[dict, list[ExampleResult]]:
         raise ValueError(f"--split {opts.split!r}: use one of {', '.join(SPLITS)}")
     target = resolve_target(opts)
     m = target.manifest
+    adapter = make_adapter(m.adapter)  # a bad --adapter fails before a server starts
     data = _load(opts, m)
     examples = _split(data, opts.split)[: opts.limit or None]
     logger.info("%d %s examples of %s; %d passages", len(examples), opts.split, opts.data or m.data, len(data.corpus))
@@ -79,7 +80,7 @@ def run_eval(opts: EvalOptions) -> tuple[dict, list[ExampleResult]]:
         state = json.loads(target.program_file.read_text())
         program.load_state({k: {**v, "lm": None} if isinstance(v, dict) else v for k, v in state.items()})
     program.set_lm(_lm(m, target.checkpoint, base_url, api_key))
-    results = score_examples(program, examples, opts.threads, make_adapter(m.adapter), desc=f"eval {opts.split}")
+    results = score_examples(program, examples, opts.threads, adapter, desc=f"eval {opts.split}")
     output = Path(opts.output) if opts.output else _default_output(target, opts.data or m.data, opts.split)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in results))
@@ -112,7 +113,7 @@ def resolve_target(opts: EvalOptions) -> EvalTarget:
 
 
 def _overridden(m: RunManifest, opts: EvalOptions) -> RunManifest:
-    changes = {"adapter": opts.adapter, "num_docs": opts.num_docs or None, "num_hops": opts.num_hops or None}
+    changes = {"model": opts.model, "adapter": opts.adapter, "num_docs": opts.num_docs or None, "num_hops": opts.num_hops or None}
     return replace(m, **{k: v for k, v in changes.items() if v is not None})
 
 
