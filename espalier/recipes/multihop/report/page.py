@@ -18,8 +18,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 1.8em; }
 .meta { color: #4a5568; font-size: 0.9em; }
 .cards { display: flex; gap: 1em; flex-wrap: wrap; margin: 1.2em 0; }
-.card { border: 1px solid #e2e8f0; border-radius: 8px; padding: 0.7em 1.1em; flex: 1 1 9em; }
-.card .v { font-size: 1.5em; font-weight: 600; } .card .k { color: #4a5568; font-size: 0.85em; }
+.card { border: 1px solid #e2e8f0; border-radius: 8px; padding: 0.7em 1.1em; flex: 1 1 auto; }
+.card .v { font-size: 1.5em; font-weight: 600; white-space: nowrap; } .card .k { color: #4a5568; font-size: 0.85em; }
 img { max-width: 100%; border: 1px solid #edf2f7; border-radius: 6px; margin: 0.4em 0; }
 table { border-collapse: collapse; width: 100%; font-size: 0.85em; }
 th, td { border: 1px solid #e2e8f0; padding: 0.45em; vertical-align: top; text-align: left; }
