@@ -57,6 +57,50 @@ def _run_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
 
+_EVAL_HELP = {
+    "checkpoint": "checkpoint to score: base, step-N, ... [default: the run's best, or the program's own]",
+    "data": "synthetic | hotpotqa:PATH | musique:PATH | hover:PATH|hub [default: the run's data]",
+    "corpus": "corpus file overriding the data's own [default: the run's]",
+    "split": "dev | test | train | all (the whole file) [default: dev]",
+    "limit": "score only the first N examples of the split (0 = all)",
+    "base_url": "a running Espalier server (http://host:port/v1) that serves the checkpoint [default: start one]",
+    "api_key": "API key of --base-url's server",
+    "engine": "engine of the started server [default: the run's]",
+    "model": "served model [default: the run's, or the one a program.json names]",
+    "adapter": "prefill | fieldwise | chat [default: the run's; prefill outside a run directory]",
+    "num_docs": "passages per search (0 = the run's)",
+    "num_hops": "searches per run (0 = the run's)",
+    "threads": "program runs in flight",
+    "output": "per-example JSONL [default: <run dir>/eval/<checkpoint>-<data>-<split>.jsonl]",
+}
+
+
+def _eval_parser(sub) -> None:
+    from espalier.recipes.multihop.eval_job import EvalOptions
+
+    p = sub.add_parser("eval", help="score a run's checkpoint or a saved program on a data split",
+                       description="Score a run's checkpoint (or a saved program.json) on a data split; prints recall "
+                       "and format failures and writes one JSON line per example.")
+    p.add_argument("target", help="a run directory (runs/multihop-...) or a saved program.json")
+    for f in fields(EvalOptions):
+        if f.name != "target":
+            kind = {int: int}.get(type(f.default), str)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=_EVAL_HELP[f.name])
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from espalier.recipes.multihop.eval_job import EvalOptions, run_eval
+
+    run_eval(EvalOptions(**{f.name: getattr(args, f.name) for f in fields(EvalOptions)}))
+
+
+def _run_multihop(args: argparse.Namespace) -> None:
+    from espalier.recipes.multihop.job import run_multihop
+
+    run_multihop(RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name != "extra_train_kwargs"}))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # the server owns its flags
@@ -82,15 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="espalier", description="Train the LM inside a DSPy program with GRPO.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _eval_parser(sub)
     sub.add_parser("serve", help="OpenAI-compatible server + GRPO job API (see `espalier serve --help`)")
     sub.add_parser("bench", help="benchmarks side by side (see `espalier bench --help`)")
     args = parser.parse_args(argv)
     _logging(args.verbose)
-    from espalier.recipes.multihop.job import run_multihop
-
-    options = RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name != "extra_train_kwargs"})
     try:
-        run_multihop(options)
+        (_run_eval if args.command == "eval" else _run_multihop)(args)
     except ValueError as e:  # a user error: say what to change, without a traceback
         print(f"espalier: error: {e}", file=sys.stderr)
         return 2

@@ -112,6 +112,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         # and choose the number that ranks checkpoints (default: the mean validation metric).
         self.on_rollouts: Callable[[list[Rollout]], Any] | None = None
         self.on_groups: Callable[[list[Group]], Any] | None = None
+        self.on_validation: Callable[[int, EvalResult], Any] | None = None  # after each validation (and its checkpoint)
         self.validation_score: Callable[[EvalResult], float] = lambda result: result.score
         self._stop = threading.Event()
 
@@ -215,7 +216,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         train = run.job.step_groups(groups) if groups else {"metrics": [], "optimizer_steps": 0}
         t2 = time.perf_counter()
         metrics = step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
-        self.history.append({"kind": "step", "step": step + 1, **metrics})
+        self.history.append({"kind": "step", "step": step + 1, "timestamp": time.time(), **metrics})
         run.failed_steps = run.failed_steps + 1 if failed_for_errors(rollouts, groups) else 0
         if run.failed_steps >= MAX_FAILED_STEPS:
             raise RolloutError(
@@ -269,13 +270,16 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         cfg = self.config
         model = run.lm.model if step > 0 else _model_variant(run.lm.model, "base")
         program = _served_program(run.student, run.lm, model, cfg)
+        t0 = time.perf_counter()
         result = evaluate(program, run.valset, self.metric, cfg.num_threads, self.adapter, desc=f"validation @ step {step}")
         metrics = {f"val/{k}": v for k, v in result.to_dict().items()}
         if cfg.report_train_scores and not cfg.use_train_as_val:
             train_result = evaluate(program, run.trainset, self.metric, cfg.num_threads, self.adapter, desc="train score")
             metrics.update({f"train/{k}": v for k, v in train_result.to_dict().items()})
         run.tracker.log(metrics, step)
-        self.history.append({"kind": "val", "step": step, **result.to_dict()})
+        self.history.append(
+            {"kind": "val", "step": step, "timestamp": time.time(), "time_s": time.perf_counter() - t0, **result.to_dict()}
+        )
         logger.info(
             "validation @ step %d: score %.3f, format failures %.0f%%, errors %.0f%% (%d examples)",
             step,
@@ -285,6 +289,8 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             result.num_examples,
         )
         self._keep(step, result, run)
+        if self.on_validation:
+            self.on_validation(step, result)
 
     def _keep(self, step: int, result: EvalResult, run: _Session) -> None:
         score = self.validation_score(result)

@@ -215,8 +215,14 @@ def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
         train_kwargs={"learning_rate": 0.5, "per_device_train_batch_size": 2},
     )
     compiler.validation_score = lambda result: next(scores)  # arranged scores; the runs are real
+    saved = Path(server["run_dir"]) / "checkpoints"
+    seen = []  # on_validation runs after each validation, once its checkpoint is saved
+    compiler.on_validation = lambda step, result: seen.append((step, result.num_examples, (saved / "step-2").exists()))
     optimized = compiler.compile(student=program, trainset=_examples(2), valset=_examples(2, "v"))
 
+    assert seen[0][:2] == (0, 2) and seen[1:] == [(2, 2, True), (4, 2, True)]
+    stamps = [h["timestamp"] for h in compiler.history]
+    assert stamps == sorted(stamps) and all(h["time_s"] > 0 for h in compiler.history if h["kind"] == "val")
     model = optimized.predictors()[0].lm.model
     assert model == f"openai/arbor:{server['model']}@step-2"
     status = httpx.get(f"{server['base_url']}/models", headers={"Authorization": f"Bearer {server['api_key']}"})

@@ -56,7 +56,7 @@ def run_rollouts(
             scored = score_run(program, example, metric, failure_score, format_failure_score)
         return Rollout(example_index=index, calls=tuple(recorder.calls), reward=scored.reward, failure=scored.failure)
 
-    return _map(one, jobs, num_threads, desc)
+    return map_threads(one, jobs, num_threads, desc)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,16 @@ class EvalResult:
     format_failure_rate: float
     error_rate: float
     num_examples: int
+
+    @classmethod
+    def of(cls, results: Sequence[Scored]) -> EvalResult:
+        n = max(len(results), 1)
+        return cls(
+            score=sum(r.reward for r in results) / n,
+            format_failure_rate=sum(r.format_failure for r in results) / n,
+            error_rate=sum(r.failure is not None and not r.format_failure for r in results) / n,
+            num_examples=len(results),
+        )
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -89,17 +99,10 @@ def evaluate(
         with dspy.context(adapter=adapter) if adapter else nullcontext():
             return score_run(program, example, metric, failure_score=0.0, format_failure_score=0.0)
 
-    results = _map(one, list(dataset), num_threads, desc)
-    n = max(len(results), 1)
-    return EvalResult(
-        score=sum(r.reward for r in results) / n,
-        format_failure_rate=sum(r.format_failure for r in results) / n,
-        error_rate=sum(r.failure is not None and not r.format_failure for r in results) / n,
-        num_examples=len(results),
-    )
+    return EvalResult.of(map_threads(one, list(dataset), num_threads, desc))
 
 
-def _map(fn: Callable, items: list, num_threads: int, desc: str) -> list:
+def map_threads(fn: Callable, items: list, num_threads: int, desc: str) -> list:
     """Ordered thread map with a progress bar (tqdm shows rate and time left).
 
     Each task runs in a copy of the caller's context, so `dspy.context(...)` set around

@@ -1,7 +1,9 @@
 """The main job: `espalier run multihop`. Server, data, retriever, baseline, GRPO, summary.
 
 Everything the tutorial's notebook does by hand, with CPU-sized defaults (`RunOptions`),
-progress throughout, and a plain summary at the end (also written to `summary.json`).
+progress throughout, and a plain summary at the end (also written to `summary.json`). The run
+directory also gets `run.json` (what `espalier eval` needs) and `report.html`, both refreshed at
+every validation.
 
 Departures from the tutorial:
 1. The LM's adapter is `PrefillChatAdapter`: DSPy's ChatAdapter with the first output
@@ -29,6 +31,7 @@ from typing import Any
 import dspy
 
 logger = logging.getLogger("espalier")
+REPORT_EXAMPLES = 4  # dev examples shown before and after training in report.html
 
 
 @dataclass
@@ -158,13 +161,33 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
         val_temperature=opts.val_temperature,
         run_dir=str(run_dir),
     )
+    report = _live_report(opts, run_dir, compiler, start, data.dev, program, lm, adapter)
+    compiler.on_validation = report.on_validation
     with dspy.context(adapter=adapter):
         optimized = compiler.compile(student=program, trainset=data.train, valset=data.dev)
     optimized.save(str(run_dir / "program.json"))
+    report.finish(optimized)
     summary = _summary(opts, compiler.history, run_dir, server, time.time() - start, optimized)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, program, lm, adapter):
+    """run.json now, and the report at every validation (a few dev examples before and after)."""
+    from espalier.recipes.multihop.manifest import RunManifest
+    from espalier.recipes.multihop.report.live import LiveReport, served_copy
+
+    sizes = _sizes(opts)
+    manifest = RunManifest(
+        model=opts.model, adapter=opts.adapter, data=opts.data, corpus=opts.corpus, seed=opts.seed,
+        train_size=sizes.get("train_size", 0), dev_size=sizes.get("dev_size", 0), num_docs=opts.num_docs,
+        num_hops=opts.num_hops, max_tokens=opts.max_tokens, val_temperature=opts.val_temperature, engine=opts.engine,
+        num_inference_gpus=opts.num_inference_gpus,
+    )  # fmt: skip
+    base = served_copy(program, lm, f"{lm.model.split('@', 1)[0]}@base", opts.val_temperature)
+    return LiveReport(run_dir, manifest, compiler.history, start, opts.steps, dev[:REPORT_EXAMPLES], base, adapter,
+                      opts.threads)
 
 
 def make_adapter(name: str) -> dspy.Adapter:
@@ -207,6 +230,7 @@ def _summary(opts: RunOptions, history: list[dict], run_dir: Path, server: dict,
         "metrics": str(run_dir / "metrics.jsonl"),
         "completions": str(run_dir / "completions.jsonl"),
         "program": str(run_dir / "program.json"),
+        "report": str(run_dir / "report.html"),
         "server": server.get("base_url"),
         "validation": vals,
     }
@@ -226,6 +250,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"train reward:      first step {s['train_reward_first'] or 0:.3f} -> last step {s['train_reward_last'] or 0:.3f}",
         f"steps:             {s['steps']} GRPO steps in {s['wall_time_s'] / 60:.1f} min",
         f"returned program:  serves {s['served_model']} (saved to {s['program']})",
+        f"report:            {s['report']}",
         f"metrics:           {s['metrics']}",
         f"sampled outputs:   {s['completions']}",
         f"checkpoints:       {s['run_dir']}/server",
