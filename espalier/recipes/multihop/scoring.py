@@ -17,7 +17,7 @@ import dspy
 
 from espalier.recipes.multihop.metric import passage_title, recall
 from espalier.recipes.multihop.program import Search, get_search
-from espalier.rollout.rewards import score_run
+from espalier.rollout.rewards import Scored, score_run
 from espalier.rollout.runner import EvalResult, map_threads
 
 _SEARCHES: contextvars.ContextVar[list[tuple[str, list[str]]] | None] = contextvars.ContextVar(
@@ -103,10 +103,4 @@ def score_examples(
 
 def summarize(results: Sequence[ExampleResult]) -> EvalResult:
     """Mean recall and failure rates, as validation reports them."""
-    n = max(len(results), 1)
-    return EvalResult(
-        score=sum(r.score for r in results) / n,
-        format_failure_rate=sum(r.format_failure for r in results) / n,
-        error_rate=sum(r.failure is not None and not r.format_failure for r in results) / n,
-        num_examples=len(results),
-    )
+    return EvalResult.of([Scored(r.score, r.failure) for r in results])
