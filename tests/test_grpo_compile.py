@@ -225,15 +225,19 @@ def test_stop_request_ends_training_gracefully(server, tmp_path):
 
 
 def test_reference_recipe_runs_verbatim(server, tmp_path, monkeypatch):
-    """DSPy's multi-hop recipe as the user writes it: only the import line and GPU counts differ."""
+    """DSPy's multi-hop recipe as the user writes it, its LM line too (no API key): only the import line and GPU
+    counts differ."""
     from espalier.recipes.multihop import BM25Retriever, ResearchHop, generate_world, recall
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)  # runs/ goes here
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the recipe sets no key, and neither does its user
     data = generate_world(seed=0, train_size=12, dev_size=3, test_size=0, scale=0.2)
     trainset, devset = data.train, data.dev
-    local_lm = _lm(server, max_tokens=4)
+    model = server["model"]
+    local_lm = dspy.LM(model=f"openai/arbor:{model}", provider=ArborProvider(), api_base=server["base_url"],
+                       temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, max_tokens=4)  # the recipe's line
     search = BM25Retriever(data.corpus)
     from espalier.recipes.multihop import set_search
 

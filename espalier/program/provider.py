@@ -16,10 +16,14 @@ Departures from DSPy's `ArborProvider` / `ArborReinforceJob`:
 3. `step_groups` (Espalier's extension) sends `espalier.types.Group`s with the sampled
    token ids and log-probs, so nothing is re-tokenised.
 4. `save_checkpoint` makes the checkpoint servable as `<id>@<name>` (see `checkpoint_model`).
+5. `ArborProvider()` sets `OPENAI_API_KEY` when unset (`launch.default_client_key`), so the
+   recipe's `dspy.LM(...)` without an `api_key` reaches a server that has none; the job's
+   requests send the LM's key, else that variable.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +32,7 @@ import httpx
 from dspy.clients.provider import ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
+from espalier.inference.launch import default_client_key
 from espalier.types import Group
 
 PREFIX = "openai/arbor:"
@@ -68,8 +73,9 @@ class ArborReinforceJob(ReinforceJob):
 
     def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {}
-        if self.lm.kwargs.get("api_key"):
-            headers["Authorization"] = f"Bearer {self.lm.kwargs['api_key']}"
+        key = self.lm.kwargs.get("api_key") or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         timeout = self.timeouts.get(route, self.timeouts["default"])
         try:
             response = httpx.post(self._url(route), json=body, headers=headers, timeout=timeout)
@@ -138,6 +144,7 @@ class ArborProvider(dspy.Provider):
 
     def __init__(self) -> None:
         super().__init__()
+        default_client_key()
         self.finetunable = False
         self.reinforceable = True
         self.ReinforceJob = ArborReinforceJob
