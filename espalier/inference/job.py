@@ -99,8 +99,9 @@ def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
             raise ValueError("a member without token ids needs 'messages' and 'completion': {'content': ...}")
         prompt, completion = prompt_ids(tokenizer, messages), completion_ids(tokenizer, text)
     logprobs = member.get("logprobs")
+    truncated = bool(member.get("truncated")) or member.get("finish_reason") == "length"  # text members: unknown
     return Sample(tuple(prompt), tuple(completion), float(member["reward"]),
-                  None if logprobs is None else tuple(float(x) for x in logprobs))
+                  None if logprobs is None else tuple(float(x) for x in logprobs), truncated)
 
 
 def groups_from_batch(batch: list[Any], tokenizer) -> tuple[list[Group], list[int]]:

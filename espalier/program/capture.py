@@ -51,6 +51,7 @@ class Recorder:
                     logprobs=choice["logprobs"],
                     messages=tuple({"role": m.get("role", ""), "content": str(m.get("content", ""))} for m in messages),
                     completion_text=choice["text"],
+                    truncated=choice["truncated"],
                 )
             )
 
@@ -128,4 +129,5 @@ def _choice(choice: dict[str, Any], prompt_ids: tuple[int, ...]) -> dict[str, An
         "completion_ids": completion_ids,
         "logprobs": logprobs,
         "text": message.get("content") or choice.get("text") or "",
+        "truncated": choice.get("finish_reason") == "length",
     }

@@ -82,17 +82,19 @@ class GRPOTrainer:
         """Train on every sample of every group; one StepMetrics per optimizer step."""
         cfg, world = self.config, self.processes.world_size
         advantages = compute_advantages(groups, cfg.scale_rewards)
-        sequences, truncation = build_sequences(groups, advantages, cfg.max_prompt_length, cfg.max_completion_length)
+        sequences, truncation = build_sequences(groups, advantages, cfg.max_prompt_length, cfg.max_completion_length,
+                                                cfg.mask_truncated_completions)
         batches = chunks(range(len(sequences)), cfg.total_batch_size * world)
         room = math.inf if cfg.max_steps is None else max(cfg.max_steps - self.optimizer_steps, 0)
         trained, skipped = batches[: int(min(room, len(batches)))], batches[int(min(room, len(batches))) :]
         needed = [i for b in trained[1:] for i in b[self.processes.rank :: world] if self._needs_compute(sequences[i])]
         old = self._old_logprobs(sequences, needed)
         metrics = [self._optimizer_step(sequences, batch, old) for batch in trained]
-        extra = {"truncated_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions)}
+        extra = {"truncated_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions),
+                 "masked_truncated_completions": float(truncation.masked)}
         if skipped or room == 0:
             extra |= {"max_steps_reached": 1.0, "sequences_not_trained": float(sum(len(b) for b in skipped))}
-            metrics = metrics or [self._empty_metrics(sequences)]
+        metrics = metrics or [self._empty_metrics(sequences)]  # nothing left to train still reports why
         for m in metrics:
             m.extra.update(extra)
         return metrics
