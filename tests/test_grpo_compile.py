@@ -196,9 +196,10 @@ def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
     optimized = compiler.compile(student=program, trainset=_examples(2), valset=_examples(2, "v"))
 
     model = optimized.predictors()[0].lm.model
-    assert model == f"openai/arbor:{server['model']}@step-2"
-    status = httpx.get(f"{server['base_url']}/models", headers={"Authorization": f"Bearer {server['api_key']}"})
-    assert f"{server['model']}@step-2" in [m["id"] for m in status.json()["data"]]
+    job_id = model.split("@")[1].split("/")[0]
+    assert model == f"openai/arbor:{server['model']}@{job_id}/step-2"  # this job's step 2, no other job's
+    status = httpx.get(f"{server['base_url']}models", headers={"Authorization": f"Bearer {server['api_key']}"})
+    assert f"{server['model']}@{job_id}/step-2" in [m["id"] for m in status.json()["data"]]
 
     def logprobs(name: str) -> list[float]:
         body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
@@ -207,7 +208,7 @@ def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
                        headers={"Authorization": f"Bearer {server['api_key']}"}, timeout=60)
         return [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
 
-    assert logprobs(f"{server['model']}@step-2") != logprobs(server["model"])  # step 2 is not the last policy
+    assert logprobs(f"{server['model']}@{job_id}/step-2") != logprobs(server["model"])  # step 2 is not the last policy
     with dspy.context(adapter=PrefillChatAdapter()):
         assert optimized(question="q 0?").answer is not None  # the returned program runs on the best adapter
 
@@ -221,7 +222,7 @@ def test_stop_request_ends_training_gracefully(server, tmp_path):
     optimized = compiler.compile(student=program, trainset=_examples(2))
     steps = [h for h in compiler.history if h["kind"] == "step"]
     assert 2 <= len(steps) <= 3
-    assert optimized.predictors()[0].lm.model.endswith("@last")
+    assert optimized.predictors()[0].lm.model.endswith("/last")
 
 
 def test_reference_recipe_runs_verbatim(server, tmp_path, monkeypatch):
@@ -284,14 +285,16 @@ def test_saved_program_is_served_again_by_a_new_server(server, tmp_path):
     compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2,
                          num_train_steps=1, checkpoint="last", adapter=PrefillChatAdapter(), run_dir=str(tmp_path),
                          train_kwargs={"learning_rate": 0.5, "per_device_train_batch_size": 2})
-    compiler.compile(student=program, trainset=_examples(1)).save(str(tmp_path / "program.json"))
-    checkpoint = Path(server["run_dir"]) / "checkpoints" / "last" / "adapter"
+    compiled = compiler.compile(student=program, trainset=_examples(1))
+    compiled.save(str(tmp_path / "program.json"))
+    job_id = compiled.predictors()[0].lm.model.split("@")[1].split("/")[0]
+    checkpoint = Path(server["run_dir"]) / "checkpoints" / job_id / "last" / "adapter"
     again = espalier.init(model=server["model"], engine="transformers", run_dir=tmp_path / "again", adapter=checkpoint)
 
     reloaded = Draft()
     reloaded.load(str(tmp_path / "program.json"))
     model = reloaded.predictors()[0].lm.model
-    assert model == f"openai/arbor:{server['model']}@last"
+    assert model == f"openai/arbor:{server['model']}@{job_id}/last"
 
     def logprobs(info) -> list[float]:
         body = {"model": model.removeprefix("openai/"), "messages": [{"role": "user", "content": "hi"}],

@@ -13,6 +13,8 @@ Departures from Arbor's `arbor.init()`:
    a request without one. `init()` (and Espalier's `ArborProvider()`) set `OPENAI_API_KEY`
    when it is unset: to the server's key, or to a placeholder that a server without a key
    accepts. A key the user already set is never overwritten.
+4. `base_url` ends with a slash, as Arbor's `init()` returns it: Arbor's client joins routes
+   with `urljoin`, which drops the last path segment of a base without one.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def init(
     url = f"http://{connect_host}:{port}"
     _wait_healthy(url, proc, log_path, timeout)
     default_client_key(api_key)
-    return {"base_url": f"{url}/v1", "port": port, "api_key": api_key, "model": model, "log": str(log_path),
+    return {"base_url": f"{url}/v1/", "port": port, "api_key": api_key, "model": model, "log": str(log_path),
             "pid": proc.pid}
 
 
