@@ -42,6 +42,7 @@ class Rollout:
     calls: tuple[LMCall, ...]
     reward: float
     failure: str | None = None  # None for a clean run; else "format: ..." or "error: ..."
+    fallback_calls: int = 0  # DSPy's JSONAdapter retries of a failed parse (capture.py): left out of training
 
 
 @dataclass(frozen=True)

@@ -331,3 +331,28 @@ def test_fieldwise_adapter_never_fails_the_format_and_trains_each_field_call(ser
     tokenizer = AutoTokenizer.from_pretrained(server["model"])
     second = tokenizer.decode(rollouts[0].calls[1].prompt_ids)
     assert second.rstrip().endswith("[[ ## answer ## ]]") and "[[ ## reasoning ## ]]" in second
+
+
+def test_a_json_fallback_retry_is_not_the_predictors_next_invocation(server, tmp_path):
+    """DSPy's ChatAdapter (fallback on): every parse of the random model fails and is retried through JSONAdapter.
+    The retry is left out and counted; each group holds the ChatAdapter prompts of one invocation."""
+    program = Draft()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=2,
+                         num_train_steps=1, checkpoint="none", adapter=dspy.ChatAdapter(), run_dir=str(tmp_path))
+    assert compiler.adapter is None or compiler.adapter.use_json_adapter_fallback
+    rollouts, sent = [], []
+    compiler.on_rollouts, compiler.on_groups = rollouts.extend, sent.extend
+    compiler.compile(student=program, trainset=_examples(2))
+
+    assert all(r.failure and r.failure.startswith("format") for r in rollouts)  # `draft` never parses
+    assert all([(c.predictor, c.invocation) for c in r.calls] == [("draft", 0)] for r in rollouts)
+    assert all(r.fallback_calls == 1 for r in rollouts)
+    step = [h for h in compiler.history if h["kind"] == "step"][0]
+    assert step["rollouts/json_fallback_calls"] == 4 and step["groups/sequences"] == 4
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+    for group in sent:
+        assert len({s.prompt_ids for s in group.samples}) == 1  # one prompt per group: the same invocation
+        assert "[[ ## question ## ]]" in tokenizer.decode(group.samples[0].prompt_ids)  # ChatAdapter's, not JSON's

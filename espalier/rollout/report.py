@@ -18,6 +18,7 @@ def step_metrics(rollouts: list[Rollout], groups: list[Group], train: list[dict]
         "rollouts/format_failure_rate": sum(bool(r.failure and r.failure.startswith("format")) for r in rollouts) / n,
         "rollouts/error_rate": sum(bool(r.failure and not r.failure.startswith("format")) for r in rollouts) / n,
         "rollouts/calls": float(sum(len(r.calls) for r in rollouts)),
+        "rollouts/json_fallback_calls": float(sum(r.fallback_calls for r in rollouts)),  # not trained: capture.py
         "groups/count": float(len(groups)),
         "groups/sequences": float(sum(len(g.samples) for g in groups)),
         "groups/no_variance_share": len(flat) / max(len(groups), 1),
@@ -29,11 +30,16 @@ def step_metrics(rollouts: list[Rollout], groups: list[Group], train: list[dict]
         values = [m[key] for m in train if key in m]
         if values:
             metrics[f"train/{key}"] = sum(values) / len(values)
+    masked = [m.get("extra", {}).get("masked_truncated_completions") for m in train]
+    if any(v is not None for v in masked):
+        metrics["train/masked_truncated_completions"] = float(max(v or 0.0 for v in masked))  # the same on each
     return metrics
 
 
 def step_line(step: int, total: int, m: dict[str, float]) -> str:
     loss = f"loss {m['train/loss']:+.4f} " if "train/loss" in m else ""
+    fallback = m.get("rollouts/json_fallback_calls", 0.0)
+    loss += f"{int(fallback)} JSON-fallback calls not trained, " if fallback else ""
     return (
         f"step {step}/{total}: reward {m['reward/mean']:.3f} (std {m['reward/std']:.3f}), "
         f"format failures {100 * m['rollouts/format_failure_rate']:.0f}%, {int(m['groups/count'])} groups / "
