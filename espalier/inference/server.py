@@ -131,12 +131,12 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
         data = [{"id": m, "object": "model", "owned_by": "espalier"} for m in served.model_names()]
         return {"object": "list", "data": data}
 
-    async def _generate(body: dict[str, Any], prompt: list[int]):
+    async def _generate(body: dict[str, Any], prompt: list[int], top_logprobs: int):
         model = body.get("model")
         if not isinstance(model, str):
             raise oa.BadRequest("model must be a string", "model")
         adapter = served.resolve(model)
-        request = oa.sampling_request(body, prompt, adapter, served.engine.max_model_len)
+        request = oa.sampling_request(body, prompt, adapter, served.engine.max_model_len, top_logprobs)
         seqs = await run_in_threadpool(served.generate, request, settings.request_timeout)
         return model, seqs
 
@@ -148,15 +148,15 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
             prompt = prompt_ids(tokenizer, messages, bool(body.get("continue_final_message", False)))
         except ValueError as e:
             raise oa.BadRequest(str(e), "messages") from e
-        model, seqs = await _generate(body, prompt)
+        model, seqs = await _generate(body, prompt, oa.chat_top_logprobs(body))
         return oa.chat_response(model, prompt, seqs, tokenizer, bool(body.get("logprobs")))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, settings.max_body_bytes)
         prompt = oa.completion_prompt(body, tokenizer)
-        model, seqs = await _generate(body, prompt)
-        return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") is not None)
+        model, seqs = await _generate(body, prompt, oa.completion_top_logprobs(body))
+        return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") not in (None, False))
 
     from espalier.inference.grpo_routes import add_grpo_routes
 
