@@ -102,8 +102,8 @@ def add_grpo_routes(app: FastAPI) -> None:
         options = JobOptions(
             model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
             device=device, batches_per_step=int(body.get("batches_per_step") or 1),
-            step_timeout=settings.request_timeout * 6, factory=factory, record_trained=settings.record_trained, processes=processes,
-            visible_devices=visible,
+            step_timeout=settings.request_timeout * 6, factory=factory, record_trained=settings.record_trained,
+            processes=processes, visible_devices=visible,
         )
         job = await run_in_threadpool(GRPOJob, served, options)
         if superseded:

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
-from espalier.inference.sampling import RowParams, sample_rows, sample_rows_with_top
+from espalier.inference.sampling import RowParams, sample_rows_with_top
 
 _UNKNOWN = object()  # peft's active adapter after a load or unload
 
@@ -229,15 +229,10 @@ class TransformersEngine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         k = max(r.request.top_logprobs for r in rows)
-        if k:
-            tokens, logprobs, top_lp, top_ids = sample_rows_with_top(logits, [r.seen for r in rows],
-                                                                     [r.params for r in rows], k)  # (B,), (B,), (B, k)
-            for i, r in enumerate(rows):
-                r.top.append(tuple(zip(top_ids[i, : r.request.top_logprobs].tolist(),
-                                       top_lp[i, : r.request.top_logprobs].tolist(), strict=True)))
-        else:
-            tokens, logprobs = sample_rows(logits, [r.seen for r in rows], [r.params for r in rows])  # (B,), (B,)
+        tokens, logprobs, tops = sample_rows_with_top(logits, [r.seen for r in rows], [r.params for r in rows], k)
         for i, r in enumerate(rows):
+            if r.request.top_logprobs:
+                r.top.append(tops[i][: r.request.top_logprobs])
             self._append(r, int(tokens[i]), float(logprobs[i]))
             r.seen = torch.cat([r.seen, tokens[i : i + 1]])
         return tokens

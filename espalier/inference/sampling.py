@@ -54,11 +54,14 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 
 def sample_rows_with_top(
     logits: torch.Tensor, seen: list[torch.Tensor], params: list[RowParams], k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sample_rows`, plus each row's k most likely tokens under the same distribution: (B, k) log-probs and ids."""
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[tuple[int, float], ...]]]:
+    """`sample_rows`, plus each row's k most likely (token id, log-prob) under the same distribution (k = 0: none)."""
     tokens, chosen, logprobs = _sample(logits, seen, params)
+    if k == 0:
+        return tokens, chosen, [() for _ in params]
     top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (B, k)
-    return tokens, chosen, top.values, top.indices
+    pairs = [tuple(zip(ids, lps, strict=True)) for ids, lps in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+    return tokens, chosen, pairs
 
 
 def sample_rows(

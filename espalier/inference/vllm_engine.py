@@ -178,8 +178,8 @@ class VLLMEngine:
             "model": request.adapter or "base", "prompt": list(request.prompt_ids), "max_tokens": request.max_tokens,
             "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
             "repetition_penalty": request.repetition_penalty, "n": request.n, "stop": list(request.stop) or None,
-            "seed": request.seed, "logprobs": request.top_logprobs if request.logprobs or request.top_logprobs else None,
-            "return_token_ids": True,
+            "seed": request.seed, "return_token_ids": True,
+            "logprobs": request.top_logprobs if request.logprobs or request.top_logprobs else None,
         }
         if request.top_logprobs:
             body["return_tokens_as_token_ids"] = True  # top_logprobs keys "token_id:<id>", not text pieces
