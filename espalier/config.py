@@ -78,6 +78,7 @@ class TrainConfig:
     bf16: bool = False
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
+    mask_truncated_completions: bool = False  # True: a completion cut at the token limit is left out of the loss
     lora_config: dict[str, Any] = field(default_factory=_default_lora)
     num_training_gpus: int = 0
     num_inference_gpus: int = 0

@@ -306,9 +306,9 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         mode, model = self.config.checkpoint, run.lm.model
         if mode == "last" and run.job.get_status().get("status") == "running":
             run.job.save_checkpoint("last")
-            model = _model_variant(run.lm.model, "last")
+            model = run.job.checkpoint_model("last")
         elif mode in ("single-best", "improvements") and run.best_name is not None:
-            model = _model_variant(run.lm.model, run.best_name)
+            model = run.job.checkpoint_model(run.best_name)
             logger.info("returning checkpoint %s (validation %.3f at step %d)", run.best_name, run.best_score, run.best_step)
         final = _served_program(run.student, run.lm, model, self.config)
         final._compiled = True

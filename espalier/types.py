@@ -10,6 +10,8 @@ Departures from DSPy/Arbor:
    (Arbor carries chat messages and re-renders them with another adapter).
 2. A sample may carry the sampling log-probs of its completion tokens, so importance
    ratios are taken against the policy that actually sampled.
+3. A call and its sample know whether the engine cut them at the token limit (`truncated`,
+   from the finish reason); TRL/Arbor guess it from the last token not being EOS.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class LMCall:
     logprobs: tuple[float, ...] | None = None  # one per completion token, at the sampling temperature
     messages: tuple[dict[str, str], ...] = ()  # the chat messages, for logs and Arbor-compatible clients
     completion_text: str = ""
+    truncated: bool = False  # the engine stopped it at the token limit (finish_reason "length")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Rollout:
     calls: tuple[LMCall, ...]
     reward: float
     failure: str | None = None  # None for a clean run; else "format: ..." or "error: ..."
+    fallback_calls: int = 0  # DSPy's JSONAdapter retries of a failed parse (capture.py): left out of training
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Sample:
     completion_ids: tuple[int, ...]
     reward: float
     logprobs: tuple[float, ...] | None = None
+    truncated: bool = False  # cut at the token limit; `mask_truncated_completions` leaves it out of the loss
 
     def __post_init__(self) -> None:
         if not self.completion_ids:
@@ -82,6 +87,7 @@ class Group:
                 completion_ids=tuple(s["completion_ids"]),
                 reward=float(s["reward"]),
                 logprobs=None if s.get("logprobs") is None else tuple(s["logprobs"]),
+                truncated=bool(s.get("truncated", False)),
             )
             for s in data["samples"]
         )

@@ -224,9 +224,10 @@ def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
     stamps = [h["timestamp"] for h in compiler.history]
     assert stamps == sorted(stamps) and all(h["time_s"] > 0 for h in compiler.history if h["kind"] == "val")
     model = optimized.predictors()[0].lm.model
-    assert model == f"openai/arbor:{server['model']}@step-2"
-    status = httpx.get(f"{server['base_url']}/models", headers={"Authorization": f"Bearer {server['api_key']}"})
-    assert f"{server['model']}@step-2" in [m["id"] for m in status.json()["data"]]
+    job_id = model.split("@")[1].split("/")[0]
+    assert model == f"openai/arbor:{server['model']}@{job_id}/step-2"  # this job's step 2, no other job's
+    status = httpx.get(f"{server['base_url']}models", headers={"Authorization": f"Bearer {server['api_key']}"})
+    assert f"{server['model']}@{job_id}/step-2" in [m["id"] for m in status.json()["data"]]
 
     def logprobs(name: str) -> list[float]:
         body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
@@ -235,7 +236,7 @@ def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
                        headers={"Authorization": f"Bearer {server['api_key']}"}, timeout=60)
         return [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
 
-    assert logprobs(f"{server['model']}@step-2") != logprobs(server["model"])  # step 2 is not the last policy
+    assert logprobs(f"{server['model']}@{job_id}/step-2") != logprobs(server["model"])  # step 2 is not the last policy
     with dspy.context(adapter=PrefillChatAdapter()):
         assert optimized(question="q 0?").answer is not None  # the returned program runs on the best adapter
 
@@ -249,19 +250,23 @@ def test_stop_request_ends_training_gracefully(server, tmp_path):
     optimized = compiler.compile(student=program, trainset=_examples(2))
     steps = [h for h in compiler.history if h["kind"] == "step"]
     assert 2 <= len(steps) <= 3
-    assert optimized.predictors()[0].lm.model.endswith("@last")
+    assert optimized.predictors()[0].lm.model.endswith("/last")
 
 
 def test_reference_recipe_runs_verbatim(server, tmp_path, monkeypatch):
-    """DSPy's multi-hop recipe as the user writes it: only the import line and GPU counts differ."""
+    """DSPy's multi-hop recipe as the user writes it, its LM line too (no API key): only the import line and GPU
+    counts differ."""
     from espalier.recipes.multihop import BM25Retriever, ResearchHop, generate_world, recall
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)  # runs/ goes here
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the recipe sets no key, and neither does its user
     data = generate_world(seed=0, train_size=12, dev_size=3, test_size=0, scale=0.2)
     trainset, devset = data.train, data.dev
-    local_lm = _lm(server, max_tokens=4)
+    model = server["model"]
+    local_lm = dspy.LM(model=f"openai/arbor:{model}", provider=ArborProvider(), api_base=server["base_url"],
+                       temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, max_tokens=4)  # the recipe's line
     search = BM25Retriever(data.corpus)
     from espalier.recipes.multihop import set_search
 
@@ -308,14 +313,16 @@ def test_saved_program_is_served_again_by_a_new_server(server, tmp_path):
     compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2,
                          num_train_steps=1, checkpoint="last", adapter=PrefillChatAdapter(), run_dir=str(tmp_path),
                          train_kwargs={"learning_rate": 0.5, "per_device_train_batch_size": 2})
-    compiler.compile(student=program, trainset=_examples(1)).save(str(tmp_path / "program.json"))
-    checkpoint = Path(server["run_dir"]) / "checkpoints" / "last" / "adapter"
+    compiled = compiler.compile(student=program, trainset=_examples(1))
+    compiled.save(str(tmp_path / "program.json"))
+    job_id = compiled.predictors()[0].lm.model.split("@")[1].split("/")[0]
+    checkpoint = Path(server["run_dir"]) / "checkpoints" / job_id / "last" / "adapter"
     again = espalier.init(model=server["model"], engine="transformers", run_dir=tmp_path / "again", adapter=checkpoint)
 
     reloaded = Draft()
     reloaded.load(str(tmp_path / "program.json"))
     model = reloaded.predictors()[0].lm.model
-    assert model == f"openai/arbor:{server['model']}@last"
+    assert model == f"openai/arbor:{server['model']}@{job_id}/last"
 
     def logprobs(info) -> list[float]:
         body = {"model": model.removeprefix("openai/"), "messages": [{"role": "user", "content": "hi"}],
@@ -352,3 +359,28 @@ def test_fieldwise_adapter_never_fails_the_format_and_trains_each_field_call(ser
     tokenizer = AutoTokenizer.from_pretrained(server["model"])
     second = tokenizer.decode(rollouts[0].calls[1].prompt_ids)
     assert second.rstrip().endswith("[[ ## answer ## ]]") and "[[ ## reasoning ## ]]" in second
+
+
+def test_a_json_fallback_retry_is_not_the_predictors_next_invocation(server, tmp_path):
+    """DSPy's ChatAdapter (fallback on): every parse of the random model fails and is retried through JSONAdapter.
+    The retry is left out and counted; each group holds the ChatAdapter prompts of one invocation."""
+    program = Draft()
+    program.set_lm(_lm(server))
+    compiler = ArborGRPO(metric=_varied, num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=2,
+                         num_train_steps=1, checkpoint="none", adapter=dspy.ChatAdapter(), run_dir=str(tmp_path))
+    assert compiler.adapter is None or compiler.adapter.use_json_adapter_fallback
+    rollouts, sent = [], []
+    compiler.on_rollouts, compiler.on_groups = rollouts.extend, sent.extend
+    compiler.compile(student=program, trainset=_examples(2))
+
+    assert all(r.failure and r.failure.startswith("format") for r in rollouts)  # `draft` never parses
+    assert all([(c.predictor, c.invocation) for c in r.calls] == [("draft", 0)] for r in rollouts)
+    assert all(r.fallback_calls == 1 for r in rollouts)
+    step = [h for h in compiler.history if h["kind"] == "step"][0]
+    assert step["rollouts/json_fallback_calls"] == 4 and step["groups/sequences"] == 4
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server["model"])
+    for group in sent:
+        assert len({s.prompt_ids for s in group.samples}) == 1  # one prompt per group: the same invocation
+        assert "[[ ## question ## ]]" in tokenizer.decode(group.samples[0].prompt_ids)  # ChatAdapter's, not JSON's

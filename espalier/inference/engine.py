@@ -44,6 +44,7 @@ class GenerateRequest:
     seed: int | None = None
     adapter: str | None = None  # None = the base model
     logprobs: bool = True
+    top_logprobs: int = 0  # > 0: also the k most likely tokens at each position, under the sampling distribution
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -60,6 +61,8 @@ class GenerateRequest:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class GeneratedSequence:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     logprobs: tuple[float, ...] | None = None  # one per token id
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None  # per token: (id, logprob), most likely first
 
 
 class Engine(Protocol):

@@ -9,7 +9,14 @@ Departures from Arbor:
    `TrainConfig`, which rejects unknown ones with a 400 that lists the known keys.
 2. `step` also accepts Espalier's `groups` (a list of `Group.to_dict()`), so token ids and
    sampling log-probs cross unchanged.
-3. One job at a time (one engine, one policy): a second `initialize` while one runs is 409.
+3. One job at a time (one engine, one policy). An `initialize` while a job runs ends that
+   job (a logged warning; gracefully if idle, else its trainer is killed) and starts the new
+   one; the old job's checkpoints stay served and its client's next call gets a 409 naming
+   the job that replaced it. Why not a 409 (Arbor's answer) or an idle timeout: a client that
+   crashed mid-compile never calls `terminate`, and no timeout can tell it from a client that
+   is validating for an hour, so a 409 would wedge the server until it is restarted; the
+   caller of `initialize` is the one user the server can hear. A bad new config is a 400
+   before the running job is touched.
 4. `num_training_gpus` picks the trainer's devices and number of ranks (`training_placement`);
    more GPUs than the machine has is a 400 naming the fix, before any process starts.
 """
@@ -43,11 +50,24 @@ def _train_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _check_config(kwargs: dict[str, Any]) -> None:
+    """A bad train_kwargs is a 400 here, before a running job is ended for it."""
+    from espalier.config import TrainConfig
+
+    try:
+        TrainConfig.from_kwargs(kwargs)
+    except (ValueError, TypeError) as e:
+        raise JobError(str(e), 400) from e
+
+
 def _job(request: Request, body: dict[str, Any]) -> GRPOJob:
     job: GRPOJob | None = request.app.state.job
     if job is None:
         raise JobError("no GRPO job: call /v1/fine_tuning/grpo/initialize first", 404)
     given = body.get("job_id")
+    replaced_by = request.app.state.replaced.get(given)
+    if replaced_by is not None:
+        raise JobError(f"job {given} was ended because a new initialize started job {replaced_by}", 409)
     if given is not None and given != job.state.job_id:
         raise JobError(f"unknown job_id {given!r}; the current job is {job.state.job_id!r}", 404)
     return job
@@ -58,6 +78,7 @@ def add_grpo_routes(app: FastAPI) -> None:
 
     served, settings = app.state.served, app.state.settings
     limit = settings.max_body_bytes
+    app.state.replaced = {}  # job_id -> the job_id of the job whose initialize ended it
 
     @app.exception_handler(JobError)
     async def job_error(_: Request, e: JobError):
@@ -69,19 +90,24 @@ def add_grpo_routes(app: FastAPI) -> None:
         model = body.get("model")
         if not isinstance(model, str) or strip_prefix(model).partition("@")[0] not in served.aliases:
             raise UnknownModel(f"this server trains {served.model_id!r}, not {model!r}")
-        current: GRPOJob | None = app.state.job
-        if current is not None and current.state.status == "running":
-            raise JobError(f"job {current.state.job_id} is still running; terminate or cancel it first", 409)
         kwargs = _train_kwargs(body)
         device, processes, visible = training_placement(kwargs, settings.train_processes)
+        factory = getattr(app.state, "trainer_factory", None) or JobOptions.factory
+        if factory == JobOptions.factory:  # another factory (a stand-in trainer) checks its own config
+            _check_config(kwargs)
+        current: GRPOJob | None = app.state.job
+        superseded = current is not None and current.state.status in ("running", "initializing")
+        if superseded:
+            await run_in_threadpool(current.supersede, "a new initialize took over the server")
         options = JobOptions(
             model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
             device=device, batches_per_step=int(body.get("batches_per_step") or 1),
-            step_timeout=settings.request_timeout * 6, factory=getattr(app.state, "trainer_factory", None)
-            or JobOptions.factory, record_trained=settings.record_trained, processes=processes,
-            visible_devices=visible,
+            step_timeout=settings.request_timeout * 6, factory=factory, record_trained=settings.record_trained,
+            processes=processes, visible_devices=visible,
         )
         job = await run_in_threadpool(GRPOJob, served, options)
+        if superseded:
+            app.state.replaced[current.state.job_id] = job.state.job_id
         app.state.job = job
         return job.status()
 
@@ -104,6 +130,8 @@ def add_grpo_routes(app: FastAPI) -> None:
                 groups, ids = groups_from_batch(body.get("batch"), served.engine.tokenizer)
         except (ValueError, KeyError, TypeError) as e:
             raise oa.BadRequest(f"bad GRPO batch: {e}", "batch") from e
+        if not ids and isinstance(body.get("batch_id"), int):
+            ids = [body["batch_id"]]  # Arbor's client: one group of members, its batch id beside it
         await run_in_threadpool(job.step, groups, ids)
         return job.status()
 
@@ -114,7 +142,10 @@ def add_grpo_routes(app: FastAPI) -> None:
         name = body.get("checkpoint_name")
         if not isinstance(name, str) or not name or "/" in name or "@" in name or name in ("base", ".", ".."):
             raise oa.BadRequest("checkpoint_name must be a non-empty name without '/' or '@'", "checkpoint_name")
-        await run_in_threadpool(job.checkpoint, name)
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise oa.BadRequest("metadata must be an object", "metadata")
+        await run_in_threadpool(job.checkpoint, name, metadata)
         return job.status()
 
     @app.post("/v1/fine_tuning/grpo/cancel")

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
-from espalier.inference.sampling import RowParams, sample_rows
+from espalier.inference.sampling import RowParams, sample_rows_with_top
 
 _UNKNOWN = object()  # peft's active adapter after a load or unload
 
@@ -49,6 +49,7 @@ class _Row:
     seen: torch.Tensor  # (P + T,) prompt and sampled ids, for the repetition penalty
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # per token, when top_logprobs > 0
     finish: str | None = None
 
 
@@ -227,8 +228,11 @@ class TransformersEngine:
             batch.keep([i for i, r in enumerate(batch.rows) if r.finish is None])
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        tokens, logprobs = sample_rows(logits, [r.seen for r in rows], [r.params for r in rows])  # (B,), (B,)
+        k = max(r.request.top_logprobs for r in rows)
+        tokens, logprobs, tops = sample_rows_with_top(logits, [r.seen for r in rows], [r.params for r in rows], k)
         for i, r in enumerate(rows):
+            if r.request.top_logprobs:
+                r.top.append(tops[i][: r.request.top_logprobs])
             self._append(r, int(tokens[i]), float(logprobs[i]))
             r.seen = torch.cat([r.seen, tokens[i : i + 1]])
         return tokens
@@ -277,6 +281,7 @@ class TransformersEngine:
             text=text if cut is None else text[:cut],
             finish_reason=row.finish or "length",
             logprobs=tuple(row.logprobs) if row.request.logprobs else None,
+            top_logprobs=tuple(row.top) if row.request.top_logprobs else None,
         )
 
 

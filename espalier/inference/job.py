@@ -19,6 +19,11 @@ Departures from Arbor:
    planned CUDA device, N > 1 on N ranks of the planned devices (job_worker.py); a count the
    machine cannot give is a 400 naming the fix. A server started with `--train-processes N`
    trains on N CPU ranks instead (gloo; for CPU clusters and tests).
+6. Checkpoints live under `run_dir/checkpoints/<job_id>/<name>` and are served as
+   `<model>@<job_id>/<name>`: a second job's `step-N` never replaces the first's, so a program
+   compiled earlier keeps its adapter. `status()["checkpoints"]` has Arbor's records
+   (`{name: {checkpoint_name, checkpoint_dir, global_step, metadata, timestamp, model}}`).
+7. `supersede` ends a job that a new `initialize` replaces (grpo_routes.py says why).
 """
 
 from __future__ import annotations
@@ -99,8 +104,9 @@ def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
             raise ValueError("a member without token ids needs 'messages' and 'completion': {'content': ...}")
         prompt, completion = prompt_ids(tokenizer, messages), completion_ids(tokenizer, text)
     logprobs = member.get("logprobs")
+    truncated = bool(member.get("truncated")) or member.get("finish_reason") == "length"  # text members: unknown
     return Sample(tuple(prompt), tuple(completion), float(member["reward"]),
-                  None if logprobs is None else tuple(float(x) for x in logprobs))
+                  None if logprobs is None else tuple(float(x) for x in logprobs), truncated)
 
 
 def groups_from_batch(batch: list[Any], tokenizer) -> tuple[list[Group], list[int]]:
@@ -129,7 +135,7 @@ class JobState:
     steps: int = 0
     optimizer_steps: int = 0
     pending_batch_ids: list[int] = field(default_factory=list)
-    checkpoints: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> Arbor's checkpoint record
     last_checkpoint: str | None = None
     last_swap_ms: float | None = None
     last_metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -206,9 +212,13 @@ class GRPOJob:
 
     # ---- the job API -------------------------------------------------------------------
 
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.options.run_dir / "checkpoints" / self.state.job_id
+
     def step(self, groups: list[Group], batch_ids: list[int]) -> None:
         self._check_usable()
-        export = self.options.run_dir / "adapters" / f"step-{self.state.steps + 1:05d}"
+        export = self.options.run_dir / "adapters" / self.state.job_id / f"step-{self.state.steps + 1:05d}"
         record = self.options.run_dir / "trained" / f"step-{self.state.steps + 1:05d}.jsonl"
         payload = [g.to_dict() for g in groups]
         message = ("step", payload, str(export), str(record) if self.options.record_trained else None)
@@ -222,13 +232,17 @@ class GRPOJob:
         self.state.pending_batch_ids = [b for b in self.state.pending_batch_ids if b not in done]
         self._refill()
 
-    def checkpoint(self, name: str) -> str:
-        directory = self.options.run_dir / "checkpoints" / name
+    def checkpoint(self, name: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Save, and serve as `<model>@<job_id>/<name>`; returns the checkpoint's record (Arbor's shape + `model`)."""
+        directory = self.checkpoint_root / name
         result = self._call(("checkpoint", str(directory)), self.options.step_timeout, f"save checkpoint {name!r}")
-        self.served.add_checkpoint(name, Path(result["adapter"]))
-        self.state.checkpoints[name] = result["checkpoint"]
+        model = self.served.add_checkpoint(f"{self.state.job_id}/{name}", Path(result["adapter"]))
+        record = {"checkpoint_name": name, "checkpoint_dir": result["checkpoint"], "adapter_dir": result["adapter"],
+                  "global_step": self.state.optimizer_steps, "metadata": metadata, "timestamp": time.time(),
+                  "model": model}
+        self.state.checkpoints[name] = record
         self.state.last_checkpoint = name
-        return result["checkpoint"]
+        return record
 
     def terminate(self) -> None:
         """Stop the worker gracefully; the current policy stays served."""
@@ -238,6 +252,19 @@ class GRPOJob:
             except JobError:
                 pass
             self.state.status = "terminated"
+        self._reap()
+
+    def supersede(self, reason: str) -> None:
+        """End this job because another takes the server: gracefully when idle, else by killing its trainer."""
+        if self.state.status not in ("running", "initializing"):
+            return
+        log.warning("GRPO job %s is still %s: ending it, %s", self.state.job_id, self.state.status, reason)
+        if self._lock.acquire(blocking=False):  # idle: no step or checkpoint in flight
+            self._lock.release()
+            self.terminate()
+        else:  # a step is in flight for a client that may be gone: do not wait for it
+            self._proc.kill()
+        self.state.status, self.state.error = "terminated", reason
         self._reap()
 
     def cancel(self) -> None:
@@ -258,9 +285,9 @@ class GRPOJob:
         s = self.state
         return {
             "job_id": s.job_id, "status": s.status, "current_model": self.served.model_id,
-            "checkpoints": dict(s.checkpoints), "last_checkpoint": s.last_checkpoint,
+            "checkpoints": {c: dict(r) for c, r in s.checkpoints.items()}, "last_checkpoint": s.last_checkpoint,
             "pending_batch_ids": list(s.pending_batch_ids) if s.status == "running" else [],
             "error": s.error, "steps": s.steps, "optimizer_steps": s.optimizer_steps,
             "last_swap_ms": s.last_swap_ms, "metrics": s.last_metrics,
-            "checkpoint_models": {c: f"{self.served.model_id}@{c}" for c in s.checkpoints},
+            "checkpoint_models": {c: r["model"] for c, r in s.checkpoints.items()},
         }

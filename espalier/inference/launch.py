@@ -9,6 +9,12 @@ Departures from Arbor's `arbor.init()`:
    with the server's log tail instead of returning a URL that is not up.
 2. Every child started here is stopped at exit (atexit), along with its own children
    (vLLM, the trainer worker), so an interrupted notebook leaves no orphan engine.
+3. The recipe builds its LM without an `api_key`, and LiteLLM's OpenAI client refuses to send
+   a request without one. `init()` (and Espalier's `ArborProvider()`) set `OPENAI_API_KEY`
+   when it is unset: to the server's key, or to a placeholder that a server without a key
+   accepts. A key the user already set is never overwritten.
+4. `base_url` ends with a slash, as Arbor's `init()` returns it: Arbor's client joins routes
+   with `urljoin`, which drops the last path segment of a base without one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ import httpx
 from espalier.inference.vllm_engine import free_port
 
 _CHILDREN: list[subprocess.Popen] = []
+NO_KEY = "espalier-no-key"  # what a client sends to a server without a key (any value is accepted)
+
+
+def default_client_key(api_key: str | None = None) -> None:
+    """Give OpenAI clients (LiteLLM under dspy.LM) a key when the user set none: `api_key`, else a placeholder."""
+    os.environ.setdefault("OPENAI_API_KEY", api_key or os.environ.get("ESPALIER_API_KEY") or NO_KEY)
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -126,7 +138,8 @@ def init(
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://{connect_host}:{port}"
     _wait_healthy(url, proc, log_path, timeout)
-    return {"base_url": f"{url}/v1", "port": port, "api_key": api_key, "model": model, "log": str(log_path),
+    default_client_key(api_key)
+    return {"base_url": f"{url}/v1/", "port": port, "api_key": api_key, "model": model, "log": str(log_path),
             "pid": proc.pid}
 
 

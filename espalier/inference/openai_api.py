@@ -8,6 +8,10 @@ Departures from OpenAI / Arbor:
    does with `return_token_ids`: the ids the engine actually sampled.
 2. `top_k`, `repetition_penalty`, `seed` and chat `continue_final_message` are accepted
    (vLLM's extensions); streaming is refused with a 400 rather than ignored.
+3. A field that would change what the caller gets and that Espalier does not implement
+   (`response_format` other than text, `tools`, `tool_choice`, `functions`, `echo`, `suffix`,
+   `logit_bias`, penalties, `best_of` > 1, ...) is a 400 naming it (`refuse_unsupported`),
+   never silently ignored. `top_logprobs` (chat) and `logprobs: k` (completions) are served.
 """
 
 from __future__ import annotations
@@ -46,12 +50,68 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     raise BadRequest("stop must be a string or a list of strings", "stop")
 
 
+MAX_TOP_LOGPROBS = 20
+
+# field -> (the value(s) that change nothing, what to do instead): anything else is a 400 naming the field.
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "response_format": ((None, {"type": "text"}), "structured output is not implemented; parse the text "
+                        "(DSPy: ChatAdapter, or JSONAdapter without response_format)"),
+    "tools": ((None, []), "tool calling is not implemented"),
+    "tool_choice": ((None, "none"), "tool calling is not implemented"),
+    "functions": ((None, []), "function calling is not implemented"),
+    "function_call": ((None, "none"), "function calling is not implemented"),
+    "parallel_tool_calls": ((None, False), "tool calling is not implemented"),
+    "echo": ((None, False), "echo is not implemented; the response's prompt_token_ids carry the prompt"),
+    "suffix": ((None, ""), "suffix (insertion) is not implemented"),
+    "logit_bias": ((None, {}), "logit_bias is not implemented"),
+    "presence_penalty": ((None, 0, 0.0), "use repetition_penalty (vLLM's) instead"),
+    "frequency_penalty": ((None, 0, 0.0), "use repetition_penalty (vLLM's) instead"),
+    "best_of": ((None, 1), "best_of is not implemented; send n and pick"),
+    "modalities": ((None, ["text"]), "only text output"),
+    "audio": ((None,), "only text output"),
+    "prediction": ((None,), "predicted outputs are not implemented"),
+    "guided_json": ((None,), "guided decoding is not implemented"),
+    "guided_regex": ((None,), "guided decoding is not implemented"),
+    "guided_choice": ((None,), "guided decoding is not implemented"),
+    "guided_grammar": ((None,), "guided decoding is not implemented"),
+}
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """A 400 naming the first field that would change the answer and that Espalier does not implement."""
+    for name, (harmless, advice) in _UNSUPPORTED.items():
+        if name in body and not any(body[name] == ok and type(body[name]) is type(ok) for ok in harmless):
+            raise BadRequest(f"{name}={body[name]!r} is not supported by this server: {advice}", name)
+
+
+def chat_top_logprobs(body: dict[str, Any]) -> int:
+    """Chat's `top_logprobs` (needs `logprobs: true`, as OpenAI requires)."""
+    k = _number(body, "top_logprobs", 0, int)
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}", "top_logprobs")
+    if k and not body.get("logprobs"):
+        raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
+    return k
+
+
+def completion_top_logprobs(body: dict[str, Any]) -> int:
+    """Completions' `logprobs: k`: the k most likely tokens at each position (0: the sampled token's only)."""
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return 0
+    k = 0 if value is True else _number(body, "logprobs", 0, int)
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}", "logprobs")
+    return k
+
+
 def sampling_request(
-    body: dict[str, Any], prompt: list[int], adapter: str | None, max_model_len: int
+    body: dict[str, Any], prompt: list[int], adapter: str | None, max_model_len: int, top_logprobs: int = 0
 ) -> GenerateRequest:
     """Validate the sampling fields of a chat or completion body against the model's context."""
     if body.get("stream"):
         raise BadRequest("streaming is not supported; send stream=false", "stream")
+    refuse_unsupported(body)
     room = max_model_len - len(prompt)
     if room < 1:
         raise BadRequest(f"the prompt has {len(prompt)} tokens; the model's context is {max_model_len}", "messages")
@@ -91,6 +151,7 @@ def sampling_request(
         seed=_number(body, "seed", None, int),
         adapter=adapter,
         logprobs=True,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -120,9 +181,10 @@ def chat_response(
     for i, s in enumerate(seqs):
         logprobs = None
         if want_logprobs and s.logprobs is not None:
+            tops = s.top_logprobs or ((),) * len(s.token_ids)
             content = [
-                {"token": tokenizer.convert_ids_to_tokens(t), "logprob": lp, "bytes": None, "top_logprobs": []}
-                for t, lp in zip(s.token_ids, s.logprobs, strict=True)
+                {**_token(tokenizer, t, lp), "top_logprobs": [_token(tokenizer, c, clp) for c, clp in top]}
+                for t, lp, top in zip(s.token_ids, s.logprobs, tops, strict=True)
             ]
             logprobs = {"content": content}
         message = {"role": "assistant", "content": s.text}
@@ -143,14 +205,27 @@ def completion_response(
     for i, s in enumerate(seqs):
         logprobs = None
         if want_logprobs and s.logprobs is not None:
-            logprobs = {"tokens": tokenizer.convert_ids_to_tokens(list(s.token_ids)),
-                        "token_logprobs": list(s.logprobs), "top_logprobs": None, "text_offset": None}
+            top = None
+            if s.top_logprobs is not None:  # OpenAI's shape: one {token: logprob} per position
+                top = [{_text(tokenizer, c): clp for c, clp in position} for position in s.top_logprobs]
+            logprobs = {"tokens": [_text(tokenizer, t) for t in s.token_ids],
+                        "token_logprobs": list(s.logprobs), "top_logprobs": top, "text_offset": None}
         choices.append({"index": i, "text": s.text, "finish_reason": s.finish_reason, "logprobs": logprobs,
                         "token_ids": list(s.token_ids)})
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
         "model": model, "choices": choices, "usage": _usage(prompt, seqs), "prompt_token_ids": prompt,
     }
+
+
+def _text(tokenizer, token_id: int) -> str:
+    """A token's text as OpenAI reports it (the decoded piece, not the tokenizer's byte-level symbol)."""
+    return tokenizer.decode([token_id])
+
+
+def _token(tokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    text = _text(tokenizer, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

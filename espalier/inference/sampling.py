@@ -52,10 +52,30 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return torch.empty_like(logits).scatter_(1, order, masked)
 
 
+def sample_rows_with_top(
+    logits: torch.Tensor, seen: list[torch.Tensor], params: list[RowParams], k: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[tuple[int, float], ...]]]:
+    """`sample_rows`, plus each row's k most likely (token id, log-prob) under the same distribution (k = 0: none)."""
+    tokens, chosen, logprobs = _sample(logits, seen, params)
+    if k == 0:
+        return tokens, chosen, [() for _ in params]
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # (B, k)
+    pairs = [tuple(zip(ids, lps, strict=True)) for ids, lps in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+    return tokens, chosen, pairs
+
+
 def sample_rows(
     logits: torch.Tensor, seen: list[torch.Tensor], params: list[RowParams]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its log-prob under the sampling distribution: ((B,), (B,))."""
+    tokens, chosen, _ = _sample(logits, seen, params)
+    return tokens, chosen
+
+
+def _sample(
+    logits: torch.Tensor, seen: list[torch.Tensor], params: list[RowParams]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (B,), their log-probs (B,), the whole sampling distribution's log-probs (B, V))."""
     logits = apply_repetition_penalty(logits.float().clone(), seen, [p.repetition_penalty for p in params])
     temps = torch.tensor([p.temperature for p in params], device=logits.device)  # (B,)
     greedy = temps == 0
@@ -72,4 +92,4 @@ def sample_rows(
             tokens[i] = masked[i].argmax()
         else:
             tokens[i] = torch.multinomial(logprobs[i].exp(), 1, generator=p.generator)[0]
-    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1), logprobs

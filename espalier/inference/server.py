@@ -11,6 +11,9 @@ Departures from Arbor:
 3. Every failure is a JSON error in OpenAI's shape: 400 for malformed JSON or impossible
    sampling values, 404 for an unknown model, 413 for an oversize body, 503 when the engine
    is down; every wait on the engine or trainer has a timeout.
+4. Repeated slashes in a path are one (`/v1//models` is `/v1/models`): `init()` returns
+   `.../v1/` as Arbor's does (its client joins routes with `urljoin`), and code that appends
+   `/models` to it still works.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +73,21 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(oa.error_body(message, status, param), status_code=status)
 
 
+class CollapseSlashes:
+    """ASGI middleware: `//` in a request path is `/` (see departure 4)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "//" in scope["path"]:
+            scope = dict(scope, path=re.sub("/{2,}", "/", scope["path"]))
+        await self.app(scope, receive, send)
+
+
 def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="espalier")
+    app.add_middleware(CollapseSlashes)
     app.state.served = served
     app.state.settings = settings
     app.state.job = None
@@ -114,12 +131,12 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
         data = [{"id": m, "object": "model", "owned_by": "espalier"} for m in served.model_names()]
         return {"object": "list", "data": data}
 
-    async def _generate(body: dict[str, Any], prompt: list[int]):
+    async def _generate(body: dict[str, Any], prompt: list[int], top_logprobs: int):
         model = body.get("model")
         if not isinstance(model, str):
             raise oa.BadRequest("model must be a string", "model")
         adapter = served.resolve(model)
-        request = oa.sampling_request(body, prompt, adapter, served.engine.max_model_len)
+        request = oa.sampling_request(body, prompt, adapter, served.engine.max_model_len, top_logprobs)
         seqs = await run_in_threadpool(served.generate, request, settings.request_timeout)
         return model, seqs
 
@@ -131,15 +148,15 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
             prompt = prompt_ids(tokenizer, messages, bool(body.get("continue_final_message", False)))
         except ValueError as e:
             raise oa.BadRequest(str(e), "messages") from e
-        model, seqs = await _generate(body, prompt)
+        model, seqs = await _generate(body, prompt, oa.chat_top_logprobs(body))
         return oa.chat_response(model, prompt, seqs, tokenizer, bool(body.get("logprobs")))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, settings.max_body_bytes)
         prompt = oa.completion_prompt(body, tokenizer)
-        model, seqs = await _generate(body, prompt)
-        return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") is not None)
+        model, seqs = await _generate(body, prompt, oa.completion_top_logprobs(body))
+        return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") not in (None, False))
 
     from espalier.inference.grpo_routes import add_grpo_routes
 
@@ -169,9 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def checkpoint_name(adapter: Path) -> str:
-    """`.../checkpoints/step-8/adapter` -> "step-8": the name a program saved by `compile` refers to."""
+    """The name a program saved by `compile` refers to: `.../checkpoints/<job_id>/step-8/adapter` ->
+    "<job_id>/step-8" (a job's checkpoint, job.py), `.../step-8/adapter` or `.../step-8` -> "step-8"."""
     adapter = Path(adapter)
-    return adapter.parent.name if adapter.name == "adapter" else adapter.name
+    directory = adapter.parent if adapter.name == "adapter" else adapter
+    if directory.parent.parent.name == "checkpoints":
+        return f"{directory.parent.name}/{directory.name}"
+    return directory.name
 
 
 def build_app(args: argparse.Namespace) -> FastAPI:

@@ -89,12 +89,13 @@ class ServedModel:
         return self.last_swap_ms
 
     def add_checkpoint(self, checkpoint: str, adapter_dir: Path) -> str:
-        """Serve a checkpoint's adapter as `<id>@<checkpoint>`; returns that model name."""
-        if not checkpoint or "@" in checkpoint or "/" in checkpoint or checkpoint == "base":
-            raise ValueError(f"bad checkpoint name {checkpoint!r}: use letters, digits, '-', '_' or '.'")
+        """Serve a checkpoint's adapter as `<id>@<checkpoint>` (`<job_id>/<name>` for a job's); returns that name."""
+        parts = checkpoint.split("/")
+        if len(parts) > 2 or any(not p or p in ("base", ".", "..") or "@" in p for p in parts):
+            raise ValueError(f"bad checkpoint name {checkpoint!r}: use [<job id>/]<name> of letters, digits, '-', '_'")
         self.ensure_alive()
         with self._lock:
-            name = f"ckpt-{checkpoint}"
+            name = f"ckpt-{checkpoint.replace('/', '--')}"
             self.engine.load_adapter(name, Path(adapter_dir))
             self.checkpoints[checkpoint] = name
         return f"{self.model_id}@{checkpoint}"

@@ -178,10 +178,13 @@ class VLLMEngine:
             "model": request.adapter or "base", "prompt": list(request.prompt_ids), "max_tokens": request.max_tokens,
             "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
             "repetition_penalty": request.repetition_penalty, "n": request.n, "stop": list(request.stop) or None,
-            "seed": request.seed, "logprobs": 0 if request.logprobs else None, "return_token_ids": True,
+            "seed": request.seed, "return_token_ids": True,
+            "logprobs": request.top_logprobs if request.logprobs or request.top_logprobs else None,
         }
+        if request.top_logprobs:
+            body["return_tokens_as_token_ids"] = True  # top_logprobs keys "token_id:<id>", not text pieces
         data = self._post("/v1/completions", body, timeout)
-        return [_sequence(c, request.logprobs) for c in data["choices"]]
+        return [_sequence(c, request.logprobs, request.top_logprobs) for c in data["choices"]]
 
     def _post(self, path: str, body: dict, timeout: float | None) -> dict:
         if not self.alive():
@@ -206,11 +209,19 @@ class VLLMEngine:
             return {"text": response.text}
 
 
-def _sequence(choice: dict, want_logprobs: bool) -> GeneratedSequence:
-    logprobs = None
+def _sequence(choice: dict, want_logprobs: bool, top_logprobs: int = 0) -> GeneratedSequence:
+    logprobs, top = None, None
     if want_logprobs and choice.get("logprobs"):
         logprobs = tuple(float(x) for x in choice["logprobs"]["token_logprobs"])
+    if top_logprobs and choice.get("logprobs"):
+        top = tuple(_top(position or {}, top_logprobs) for position in choice["logprobs"]["top_logprobs"])
     return GeneratedSequence(
         token_ids=tuple(choice["token_ids"]), text=choice["text"],
-        finish_reason=choice.get("finish_reason") or "length", logprobs=logprobs,
+        finish_reason=choice.get("finish_reason") or "length", logprobs=logprobs, top_logprobs=top,
     )
+
+
+def _top(position: dict[str, float], k: int) -> tuple[tuple[int, float], ...]:
+    """vLLM's `{"token_id:<id>": logprob}` for one position -> ((id, logprob), ...), most likely first."""
+    pairs = [(int(key.rsplit(":", 1)[1]), float(lp)) for key, lp in position.items()]
+    return tuple(sorted(pairs, key=lambda p: -p[1])[:k])

@@ -10,6 +10,13 @@ Departures from DSPy/Arbor:
    completion from parsed fields; here the trainer gets the prompt and completion token ids
    the engine returned for this very call, and their sampling log-probs.
 2. A call whose output failed to parse is still captured: it is data with a low reward.
+3. DSPy's ChatAdapter retries a failed parse through JSONAdapter (`use_json_adapter_fallback`,
+   on by default). That retry is not the predictor's next invocation: its prompt is another
+   adapter's, sent only by the runs whose parse failed, so counting it as invocation i + 1
+   would group JSON prompts with the ChatAdapter prompts of runs that called the predictor
+   again. A retry is recognised (`in_json_fallback`), kept apart in `Recorder.fallbacks`, left
+   out of training and counted per step (`rollouts/json_fallback_calls`); the ChatAdapter call
+   that failed stays invocation i, with its run's reward.
 """
 
 from __future__ import annotations
@@ -37,8 +44,14 @@ class Recorder:
 
     calls: list[LMCall] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    fallbacks: list[LMCall] = field(default_factory=list)  # JSONAdapter retries of a failed parse, not trained
 
-    def record(self, predictor: str, messages: list[dict[str, Any]], response: Any) -> None:
+    def record(self, predictor: str, messages: list[dict[str, Any]], response: Any, fallback: bool = False) -> None:
+        if fallback:
+            self.fallbacks += [LMCall(predictor, -1, c["prompt_ids"], c["completion_ids"], c["logprobs"],
+                                      completion_text=c["text"], truncated=c["truncated"])
+                               for c in response_choices(response)]
+            return
         for choice in response_choices(response):
             invocation = self.counts[predictor]
             self.counts[predictor] += 1
@@ -51,6 +64,7 @@ class Recorder:
                     logprobs=choice["logprobs"],
                     messages=tuple({"role": m.get("role", ""), "content": str(m.get("content", ""))} for m in messages),
                     completion_text=choice["text"],
+                    truncated=choice["truncated"],
                 )
             )
 
@@ -88,7 +102,36 @@ class CapturingLM(dspy.LM):
     def update_history(self, entry: dict[str, Any]) -> None:
         recorder = _current.get()
         if recorder is not None:
-            recorder.record(self.predictor_name, entry.get("messages") or [], entry.get("response"))
+            recorder.record(self.predictor_name, entry.get("messages") or [], entry.get("response"), in_json_fallback())
+
+
+def in_json_fallback() -> bool:
+    """Whether the LM call in progress is ChatAdapter's JSONAdapter retry of a failed parse.
+
+    DSPy opens one `adapter_fallback_scope` per ChatAdapter call (JSONAdapter is a ChatAdapter),
+    so two nested scopes mean the inner call is the retry. DSPy versions without that context
+    variable: a JSONAdapter in the call stack under another adapter's call."""
+    try:
+        from dspy.clients.call_context import _adapter_calls
+    except ImportError:
+        return _json_adapter_below_another()
+    return len(_adapter_calls.get()) > 1
+
+
+def _json_adapter_below_another() -> bool:
+    from dspy.adapters.json_adapter import JSONAdapter
+
+    adapters = [f.f_locals.get("self") for f in _frames() if isinstance(f.f_locals.get("self"), dspy.Adapter)]
+    return any(isinstance(a, JSONAdapter) for a in adapters) and not all(isinstance(a, JSONAdapter) for a in adapters)
+
+
+def _frames():
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
 
 
 def _as_dict(response: Any) -> dict[str, Any]:
@@ -128,4 +171,5 @@ def _choice(choice: dict[str, Any], prompt_ids: tuple[int, ...]) -> dict[str, An
         "completion_ids": completion_ids,
         "logprobs": logprobs,
         "text": message.get("content") or choice.get("text") or "",
+        "truncated": choice.get("finish_reason") == "length",
     }

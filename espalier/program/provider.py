@@ -15,11 +15,16 @@ Departures from DSPy's `ArborProvider` / `ArborReinforceJob`:
    LM keeps its model name, which always means "the current policy" on the server.
 3. `step_groups` (Espalier's extension) sends `espalier.types.Group`s with the sampled
    token ids and log-probs, so nothing is re-tokenised.
-4. `save_checkpoint` makes the checkpoint servable as `<id>@<name>` (see `checkpoint_model`).
+4. `save_checkpoint` makes the checkpoint servable as `<id>@<job_id>/<name>`, a name no other
+   job reuses (see `checkpoint_model`).
+5. `ArborProvider()` sets `OPENAI_API_KEY` when unset (`launch.default_client_key`), so the
+   recipe's `dspy.LM(...)` without an `api_key` reaches a server that has none; the job's
+   requests send the LM's key, else that variable.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +33,7 @@ import httpx
 from dspy.clients.provider import ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
+from espalier.inference.launch import default_client_key
 from espalier.types import Group
 
 PREFIX = "openai/arbor:"
@@ -68,8 +74,9 @@ class ArborReinforceJob(ReinforceJob):
 
     def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {}
-        if self.lm.kwargs.get("api_key"):
-            headers["Authorization"] = f"Bearer {self.lm.kwargs['api_key']}"
+        key = self.lm.kwargs.get("api_key") or os.environ.get("OPENAI_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         timeout = self.timeouts.get(route, self.timeouts["default"])
         try:
             response = httpx.post(self._url(route), json=body, headers=headers, timeout=timeout)
@@ -117,14 +124,19 @@ class ArborReinforceJob(ReinforceJob):
 
     def save_checkpoint(self, checkpoint_name: str, score: float | None = None) -> dict[str, Any]:
         status = self._post("checkpoint", self._body(checkpoint_name=checkpoint_name))
-        self.checkpoints[checkpoint_name] = {"path": status["checkpoints"].get(checkpoint_name), "score": score,
-                                             "model": self.checkpoint_model(checkpoint_name)}
+        record = status["checkpoints"][checkpoint_name]  # Arbor's record, plus the name that serves it
+        self.checkpoints[checkpoint_name] = {**record, "path": record["checkpoint_dir"], "score": score,
+                                             "model": f"{PREFIX}{record['model']}"}
         self.last_checkpoint = checkpoint_name
         return status
 
     def checkpoint_model(self, checkpoint_name: str) -> str:
-        """The LM model name that serves a saved checkpoint."""
-        return f"{PREFIX}{model_id(self.lm.model).partition('@')[0]}@{checkpoint_name}"
+        """The LM model name that serves a checkpoint this job saved (`<id>@<job_id>/<name>`), or `<id>@base`."""
+        if checkpoint_name in self.checkpoints:
+            return self.checkpoints[checkpoint_name]["model"]
+        if checkpoint_name != "base":
+            raise KeyError(f"this job saved no checkpoint {checkpoint_name!r}; saved: {sorted(self.checkpoints)}")
+        return f"{PREFIX}{model_id(self.lm.model).partition('@')[0]}@base"
 
     def cancel(self) -> dict[str, Any]:
         return self._post("cancel", self._body())
@@ -138,6 +150,7 @@ class ArborProvider(dspy.Provider):
 
     def __init__(self) -> None:
         super().__init__()
+        default_client_key()
         self.finetunable = False
         self.reinforceable = True
         self.ReinforceJob = ArborReinforceJob

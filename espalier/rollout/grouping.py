@@ -73,4 +73,5 @@ def _sample(call: LMCall, run: Rollout) -> Sample:
         completion_ids=call.completion_ids,
         reward=run.reward,
         logprobs=call.logprobs,
+        truncated=call.truncated,
     )

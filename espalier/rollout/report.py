@@ -39,6 +39,7 @@ def step_metrics(rollouts: list[Rollout], groups: list[Group], train: list[dict]
         "rollouts/error_rate": sum(bool(r.failure and not r.failure.startswith("format")) for r in rollouts) / n,
         "rollouts/errors": float(sum(map(_is_error, rollouts))),
         "rollouts/calls": float(sum(len(r.calls) for r in rollouts)),
+        "rollouts/json_fallback_calls": float(sum(r.fallback_calls for r in rollouts)),  # not trained: capture.py
         "groups/count": float(len(groups)),
         "groups/sequences": float(sum(len(g.samples) for g in groups)),
         "groups/no_variance_share": len(flat) / max(len(groups), 1),
@@ -56,6 +57,9 @@ def step_metrics(rollouts: list[Rollout], groups: list[Group], train: list[dict]
         metrics["train/ratio_max_deviation"] = max(e.get("ratio_max_deviation", 0.0) for e in extras)
         for key in LIMIT_KEYS:  # the same counts are attached to every optimizer step of a train_step
             metrics[f"train/{key}"] = extras[0].get(key, 0.0)
+        masked = [e.get("masked_truncated_completions") for e in extras]
+        if any(v is not None for v in masked):
+            metrics["train/masked_truncated_completions"] = float(max(v or 0.0 for v in masked))  # the same on each
     return metrics
 
 
@@ -74,6 +78,8 @@ def step_line(step: int, total: int, m: dict[str, float]) -> str:
     errors = f"errors {int(m['rollouts/errors'])}, " if m.get("rollouts/errors") else ""
     if m.get("train/dropped_long_prompts"):
         errors += f"{int(m['train/dropped_long_prompts'])} seqs dropped (prompt over max_prompt_length), "
+    fallback = m.get("rollouts/json_fallback_calls", 0.0)
+    loss += f"{int(fallback)} JSON-fallback calls not trained, " if fallback else ""
     return (
         f"step {step}/{total}: reward {m['reward/mean']:.3f} (std {m['reward/std']:.3f}), "
         f"format failures {100 * m['rollouts/format_failure_rate']:.0f}%, {errors}{int(m['groups/count'])} groups / "

@@ -54,7 +54,8 @@ def run_rollouts(
         index, example, program = job
         with dspy.context(adapter=adapter) if adapter else nullcontext(), recording() as recorder:
             scored = score_run(program, example, metric, failure_score, format_failure_score)
-        return Rollout(example_index=index, calls=tuple(recorder.calls), reward=scored.reward, failure=scored.failure)
+        return Rollout(example_index=index, calls=tuple(recorder.calls), reward=scored.reward, failure=scored.failure,
+                       fallback_calls=len(recorder.fallbacks))
 
     return map_threads(one, jobs, num_threads, desc)
 

@@ -10,6 +10,8 @@ Departures from TRL / Arbor:
    `max_completion_length` keeps its first tokens: their context is unchanged.
 3. Left-padded prompts put every completion at the same columns, so the model only computes
    logits for the completion block (`logits_to_keep`), never for prompt positions.
+4. `mask_truncated_completions` drops a sequence the engine cut at its token limit (the
+   sample says so, from the finish reason); TRL zeroes its mask when the last token is not EOS.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TrainSequence:
 class Truncation:
     prompts: int = 0  # sequences dropped: prompt over max_prompt_length
     completions: int = 0  # completions cut to max_completion_length
+    masked: int = 0  # sequences left out because the engine cut them at its token limit
 
 
 @dataclass
@@ -63,11 +66,18 @@ def build_sequences(
     advantages: Sequence[float],
     max_prompt_length: int | None,
     max_completion_length: int | None,
+    mask_truncated_completions: bool = False,
 ) -> tuple[list[TrainSequence], Truncation]:
-    """Flatten groups into sequences (group order, then sample order), applying the limits as configured."""
+    """Flatten groups into sequences (group order, then sample order), applying the limits as configured.
+
+    With `mask_truncated_completions`, a sample the engine cut at its token limit is dropped
+    (after the advantages, which it still shaped, as in TRL): no loss, no share of the normaliser."""
     samples = [s for g in groups for s in g.samples]
-    out, long_prompts, cut_completions = [], 0, 0
+    out, long_prompts, cut_completions, masked = [], 0, 0, 0
     for sample, advantage in zip(samples, advantages, strict=True):
+        if mask_truncated_completions and sample.truncated:
+            masked += 1
+            continue
         prompt, completion, logprobs = sample.prompt_ids, sample.completion_ids, sample.logprobs
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
             long_prompts += 1
@@ -76,7 +86,7 @@ def build_sequences(
             completion, cut_completions = completion[:max_completion_length], cut_completions + 1
             logprobs = None if logprobs is None else logprobs[:max_completion_length]
         out.append(TrainSequence(prompt, completion, sample.reward, advantage, logprobs))
-    return out, Truncation(long_prompts, cut_completions)
+    return out, Truncation(long_prompts, cut_completions, masked)
 
 
 def collate(sequences: Sequence[TrainSequence], indices: Sequence[int], pad_id: int) -> MicroBatch:

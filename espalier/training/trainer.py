@@ -101,7 +101,8 @@ class GRPOTrainer:
         """Train on every sample of every group; one StepMetrics per optimizer step."""
         cfg, world = self.config, self.processes.world_size
         advantages = compute_advantages(groups, cfg.scale_rewards)
-        sequences, truncation = build_sequences(groups, advantages, cfg.max_prompt_length, cfg.max_completion_length)
+        sequences, truncation = build_sequences(groups, advantages, cfg.max_prompt_length, cfg.max_completion_length,
+                                                cfg.mask_truncated_completions)
         batches = chunks(range(len(sequences)), cfg.total_batch_size * world)
         if self.scheduler is None:
             self._build_scheduler(schedule_length(cfg, len(batches)))
@@ -110,13 +111,14 @@ class GRPOTrainer:
         needed = [i for b in trained[1:] for i in b[self.processes.rank :: world] if self._needs_compute(sequences[i])]
         old = self._old_logprobs(sequences, needed)
         metrics = [self._optimizer_step(sequences, batch, old) for batch in trained]
-        extra = {"dropped_long_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions)}
+        extra = {"dropped_long_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions),
+                 "masked_truncated_completions": float(truncation.masked)}
         if skipped or room == 0:
             extra |= {"max_steps_reached": 1.0, "sequences_not_trained": float(sum(len(b) for b in skipped))}
         if truncation.prompts:
             log.warning("%d sequence(s) dropped: prompt over max_prompt_length=%s", truncation.prompts,
                         cfg.max_prompt_length)
-        metrics = metrics or [self._empty_metrics(sequences)]
+        metrics = metrics or [self._empty_metrics(sequences)]  # nothing left to train still reports why
         for m in metrics:
             m.extra.update(extra)
         return metrics

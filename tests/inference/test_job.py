@@ -52,7 +52,6 @@ def test_job_lifecycle_publishes_adapters_and_checkpoints(served_app):
     status = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"num_generations": 2}}).json()
     job_id = status["job_id"]
     assert status["status"] == "running" and status["pending_batch_ids"] == [0]
-    assert post(url, "initialize", {"model": MODEL_ID}).status_code == 409  # one job at a time
 
     status = post(url, "step", {"job_id": job_id, "model": MODEL_ID, "batch": [arbor_item(0)]}).json()
     assert status["steps"] == 1 and status["pending_batch_ids"] == [1]
@@ -60,12 +59,16 @@ def test_job_lifecycle_publishes_adapters_and_checkpoints(served_app):
     after_one = greedy(url)
     assert after_one != base and greedy(url, f"{MODEL_ID}@base") == base
 
-    status = post(url, "checkpoint", {"job_id": job_id, "checkpoint_name": "c1"}).json()
-    assert status["last_checkpoint"] == "c1" and status["checkpoint_models"]["c1"] == f"{MODEL_ID}@c1"
+    status = post(url, "checkpoint", {"job_id": job_id, "checkpoint_name": "c1", "metadata": {"score": 0.5}}).json()
+    record = status["checkpoints"]["c1"]  # Arbor's checkpoint record, plus the model name that serves it
+    assert status["last_checkpoint"] == "c1" and record["model"] == f"{MODEL_ID}@{job_id}/c1"
+    assert record["checkpoint_name"] == "c1" and record["metadata"] == {"score": 0.5} and record["global_step"] == 1
+    assert record["checkpoint_dir"].endswith(f"checkpoints/{job_id}/c1")
+    assert status["checkpoint_models"]["c1"] == record["model"]
     group = Group((Sample((1, 2), (3,), 1.0), Sample((1, 2), (4, 5), 0.0)), key="g")
     status = post(url, "step", {"job_id": job_id, "groups": [group.to_dict()]}).json()
     assert status["steps"] == 2 and status["metrics"][0]["num_sequences"] == 2
-    assert greedy(url, f"{MODEL_ID}@c1") == after_one and greedy(url) != after_one
+    assert greedy(url, f"{MODEL_ID}@{job_id}/c1") == after_one and greedy(url) != after_one
 
     assert post(url, "status", {"job_id": "other"}).status_code == 404
     assert post(url, "step", {"job_id": job_id, "batch": []}).status_code == 400
@@ -86,3 +89,22 @@ def test_a_dead_trainer_is_reported_not_waited_for(served_app):
     assert r.status_code == 409 and "failed" in r.json()["error"]["message"]
     assert post(url, "initialize", {"model": MODEL_ID}).status_code == 200  # a new job may start
     post(url, "cancel", {})
+
+
+def test_a_new_initialize_ends_a_job_whose_client_is_gone(served_app):
+    """A client that crashed mid-compile never terminates its job: the next initialize must not get a 409."""
+    _, url = served_app
+    first = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"num_generations": 2}}).json()["job_id"]
+    post(url, "step", {"job_id": first, "batch": [arbor_item(0)]})
+    post(url, "checkpoint", {"job_id": first, "checkpoint_name": "step-1"})
+    trained = greedy(url, f"{MODEL_ID}@{first}/step-1")
+    # ... the client dies here, and a new one initializes.
+    second = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"num_generations": 2}}).json()
+    assert second["status"] == "running" and second["job_id"] != first
+    r = post(url, "step", {"job_id": first, "batch": [arbor_item(1)]})  # the old client, if it was only slow
+    assert r.status_code == 409 and second["job_id"] in r.json()["error"]["message"]
+    post(url, "step", {"job_id": second["job_id"], "batch": [arbor_item(0)]})
+    status = post(url, "checkpoint", {"job_id": second["job_id"], "checkpoint_name": "step-1"}).json()
+    assert status["checkpoints"]["step-1"]["model"] == f"{MODEL_ID}@{second['job_id']}/step-1"
+    assert greedy(url, f"{MODEL_ID}@{first}/step-1") == trained  # the first job's step-1 is still its own
+    assert post(url, "terminate", {"job_id": second["job_id"]}).json()["status"] == "terminated"

@@ -72,7 +72,7 @@ def _train_one_step(app, url: str, run_dir: Path, processes: int) -> dict[str, t
     status = r.json()
     assert status["steps"] == 1 and status["optimizer_steps"] == 1 and status["last_swap_ms"] is not None
     assert status["metrics"][0]["num_sequences"] == 4
-    weights = load_file(run_dir / "adapters" / "step-00001" / "adapter_model.safetensors")
+    weights = load_file(run_dir / "adapters" / job_id / "step-00001" / "adapter_model.safetensors")  # per job
     assert post(url, "terminate", {"job_id": job_id}).json()["status"] == "terminated"
     return weights
 

@@ -12,13 +12,18 @@ from espalier.inference import launch
 pytestmark = pytest.mark.slow
 
 
-def test_init_serves_until_shutdown(tiny_chat_dir, tmp_path):
+def test_init_serves_until_shutdown(tiny_chat_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "restored after the test")
+    monkeypatch.delenv("OPENAI_API_KEY")  # unset, as for a user who never set it
     adapter = random_adapter(tiny_chat_dir, tmp_path / "adapter", seed=3)
     info = launch.init(model=str(tiny_chat_dir), engine="transformers", api_key="k", timeout=300,
                        run_dir=tmp_path, adapter=adapter)
     try:
         assert set(info) >= {"base_url", "port", "api_key", "model"}
-        assert info["base_url"] == f"http://127.0.0.1:{info['port']}/v1" and info["api_key"] == "k"
+        assert info["base_url"] == f"http://127.0.0.1:{info['port']}/v1/" and info["api_key"] == "k"
+        import os
+
+        assert os.environ["OPENAI_API_KEY"] == "k"  # what dspy.LM(...) without api_key sends
         client = openai.OpenAI(base_url=info["base_url"], api_key="k")
         reply = client.chat.completions.create(model=info["model"], messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=4)

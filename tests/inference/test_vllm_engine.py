@@ -82,3 +82,12 @@ def test_killed_engine_fails_in_flight_and_recovers_with_adapters(vllm_served):
     assert engine.alive() and policy in engine.adapters()
     [out] = engine.generate(request(engine, adapter=policy), timeout=120)
     assert out.token_ids
+
+
+def test_top_logprobs_come_back_as_token_ids(vllm_served):
+    engine = vllm_served.engine
+    [greedy] = engine.generate(request(engine, top_logprobs=3), timeout=120)
+    assert greedy.top_logprobs is not None and len(greedy.top_logprobs) == len(greedy.token_ids)
+    for token, logprob, top in zip(greedy.token_ids, greedy.logprobs, greedy.top_logprobs, strict=True):
+        assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-4  # greedy: the most likely
+        assert top[0][1] >= top[1][1] >= top[2][1]

@@ -50,3 +50,11 @@ def test_recorder_counts_invocations_per_predictor():
         rec.record(name, [{"role": "user", "content": "q"}], RAW)
     assert [(c.predictor, c.invocation) for c in rec.calls] == [("a", 0), ("b", 0), ("a", 1)]
     assert rec.calls[0].messages == ({"role": "user", "content": "q"},)
+
+
+def test_a_call_cut_at_the_token_limit_is_marked_truncated():
+    cut = {**RAW, "choices": [{**RAW["choices"][0], "finish_reason": "length"}]}
+    rec = Recorder()
+    rec.record("a", [], cut)
+    rec.record("a", [], {**RAW, "choices": [{**RAW["choices"][0], "finish_reason": "stop"}]})
+    assert [c.truncated for c in rec.calls] == [True, False]

@@ -45,7 +45,8 @@ def test_reinforce_job_speaks_the_job_api(lm):
     status = job.step_groups([Group((Sample((1, 2), (3,), 1.0), Sample((1, 2), (4,), 0.0)))])
     assert status["steps"] == 2
     job.save_checkpoint("best", score=0.5)
-    assert job.checkpoints["best"]["model"] == f"openai/arbor:{MODEL_ID}@best"
+    assert job.checkpoints["best"]["model"] == f"openai/arbor:{MODEL_ID}@{job.job_id}/best"
+    assert job.checkpoints["best"]["checkpoint_name"] == "best" and job.checkpoints["best"]["score"] == 0.5
     best = dspy.LM(job.checkpoints["best"]["model"], provider=ArborProvider(), api_base=lm.kwargs["api_base"],
                    api_key=API_KEY, max_tokens=4, cache=False)
     assert isinstance(best("hi")[0], str)
