@@ -34,3 +34,16 @@ def test_titles_and_normalisation():
     assert passage_title("Foo | bar | baz") == "Foo"
     assert passage_title("no separator") == "no separator"
     assert normalize_title("  The_Big   Sleep ") == "the big sleep"
+
+
+def test_first_search_recall_is_the_claims_own_search_by_hand():
+    from espalier.recipes.multihop.metric import first_search_recall
+
+    corpus = {"a b": ["A | x", "Z | y"], "c d": ["C | z", "C | again"]}  # a fake search: claim -> passages
+
+    def search(query: str, k: int) -> list[str]:
+        return corpus[query][:k]
+
+    examples = [make_example("a b", ["A", "B"]), make_example("c d", ["C"])]
+    assert first_search_recall(examples, search, 2) == pytest.approx((1 / 2 + 1) / 2)
+    assert first_search_recall(examples, search, 1) == pytest.approx((1 / 2 + 1) / 2)

@@ -39,7 +39,7 @@ def _page(tmp_path) -> ReportPage:
     before = [_example(0, 0.0, ["Where was the architect of Tragis Hall born?"])]
     after = [_example(0, 1.0, ["Where was the architect of Tragis Hall born?", "Daito Thovir architect"])]
     return ReportPage(run_dir=str(tmp_path), model="tiny", adapter="prefill", data="synthetic", total_steps=4,
-                      curves=Curves.from_history(_history(), START), finished=True, before=before, after=after,
+                      curves=Curves.from_history(_history(), START, 0.2), finished=True, before=before, after=after,
                       after_label="returned program (step-2)")  # fmt: skip
 
 
@@ -66,6 +66,7 @@ def test_report_writes_a_self_contained_page_its_plots_and_the_curves_json(tmp_p
     assert html.count("data:image/png;base64,") == 3
     assert "http://" not in html and "https://" not in html  # nothing fetched from the network
     assert "25.0% → 50.0%" in html  # dev recall baseline -> best
+    assert data["first_search_recall"] == 0.2 and "+30.0 points" in html  # best 50% over the 20% first-search floor
     assert "<span class='gold'>Daito Thovir</span>" in html and "returned program (step-2)" in html
 
 

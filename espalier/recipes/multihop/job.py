@@ -108,6 +108,7 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
     from espalier.grpo import ArborGRPO
     from espalier.program.provider import ArborProvider
     from espalier.recipes.multihop import BM25Retriever, ResearchHop, load_multihop, recall
+    from espalier.recipes.multihop.metric import first_search_recall
 
     start = time.time()
     run_dir = Path(opts.run_dir or Path("runs") / time.strftime("multihop-%Y%m%d-%H%M%S")).resolve()
@@ -120,6 +121,8 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
         "data: %d train, %d dev, %d test claims; %d passages", *map(len, (data.train, data.dev, data.test, data.corpus))
     )
     search = BM25Retriever(data.corpus)
+    floor = first_search_recall(data.dev, search, opts.num_docs)
+    logger.info("dev recall of the first search alone (the claim as the query): %.1f%%", 100 * floor)
 
     logger.info("starting the Espalier server (model %s, engine %s)", opts.model, opts.engine)
     server = espalier.init(
@@ -161,19 +164,20 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
         val_temperature=opts.val_temperature,
         run_dir=str(run_dir),
     )
-    report = _live_report(opts, run_dir, compiler, start, data.dev, program, lm, adapter)
+    report = _live_report(opts, run_dir, compiler, start, data.dev, program, lm, adapter, floor)
     compiler.on_validation = report.on_validation
     with dspy.context(adapter=adapter):
         optimized = compiler.compile(student=program, trainset=data.train, valset=data.dev)
     optimized.save(str(run_dir / "program.json"))
     report.finish(optimized)
-    summary = _summary(opts, compiler.history, run_dir, server, time.time() - start, optimized)
+    summary = _summary(opts, compiler.history, run_dir, server, time.time() - start, optimized) | {
+        "first_search_dev_recall": floor}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary
 
 
-def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, program, lm, adapter):
+def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, program, lm, adapter, floor: float):
     """run.json now, and the report at every validation (a few dev examples before and after)."""
     from espalier.recipes.multihop.manifest import RunManifest
     from espalier.recipes.multihop.report.live import LiveReport, served_copy
@@ -187,7 +191,7 @@ def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, p
     )  # fmt: skip
     base = served_copy(program, lm, f"{lm.model.split('@', 1)[0]}@base", opts.val_temperature)
     return LiveReport(run_dir, manifest, compiler.history, start, opts.steps, dev[:REPORT_EXAMPLES], base, adapter,
-                      opts.threads)
+                      opts.threads, floor)
 
 
 def make_adapter(name: str) -> dspy.Adapter:
@@ -236,6 +240,11 @@ def _summary(opts: RunOptions, history: list[dict], run_dir: Path, server: dict,
     }
 
 
+def _beyond(s: dict[str, Any]) -> str:
+    best, floor = s.get("best_dev_recall"), s.get("first_search_dev_recall")
+    return "n/a" if best is None or floor is None else f"{100 * (best - floor):+.1f} points"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -245,6 +254,8 @@ def format_summary(s: dict[str, Any]) -> str:
         "=== espalier run multihop: summary ===",
         f"dev recall:        baseline {pct(s['baseline_dev_recall'])} -> final {pct(s['final_dev_recall'])} "
         f"(best {pct(s['best_dev_recall'])} at step {s['best_step']})",
+        f"first search only: {pct(s.get('first_search_dev_recall'))} (the claim as the query, no LM: the floor of "
+        f"an always-parsing program; best is {_beyond(s)} beyond it)",
         f"format failures:   baseline {pct(s['baseline_format_failure_rate'])} -> final "
         f"{pct(s['final_format_failure_rate'])}",
         f"train reward:      first step {s['train_reward_first'] or 0:.3f} -> last step {s['train_reward_last'] or 0:.3f}",

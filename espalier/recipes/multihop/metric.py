@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 SEPARATOR = " | "
@@ -57,3 +58,13 @@ def recall(example: Any, pred: Any, trace: Any = None) -> float:
         raise ValueError("recall: the example has no gold titles (`example.titles` is empty).")
     found = {normalize_title(t) for t in predicted_titles(pred)}
     return len(gold & found) / len(gold)
+
+
+def first_search_recall(examples: Iterable[Any], search: Any, num_docs: int) -> float:
+    """Mean recall of the first search alone (the claim as the query): no LM involved.
+
+    Every run of `ResearchHop` that parses retrieves these passages, so this is the floor of
+    an always-parsing program; what the program scores above it is what its follow-up
+    queries found, i.e. what the model contributes to the task."""
+    scores = [recall(ex, SimpleNamespace(titles=unique_titles(search(ex.claim, num_docs)))) for ex in examples]
+    return sum(scores) / max(len(scores), 1)

@@ -40,9 +40,11 @@ class ValPoint:
 class Curves:
     steps: list[StepPoint] = field(default_factory=list)
     validation: list[ValPoint] = field(default_factory=list)
+    first_search_recall: float | None = None  # dev recall of the claim's own search: the always-parsing floor
 
     @classmethod
-    def from_history(cls, history: Sequence[dict[str, Any]], start: float) -> Curves:
+    def from_history(cls, history: Sequence[dict[str, Any]], start: float, first_search_recall: float | None = None
+                     ) -> Curves:
         """`start`: the run's start (time.time()); records without a timestamp get wall time 0."""
 
         def wall(h: dict[str, Any]) -> float:
@@ -75,11 +77,12 @@ class Curves:
             for h in history
             if h.get("kind") == "val"
         ]
-        return cls(steps, vals)
+        return cls(steps, vals, first_search_recall)
 
     def best(self) -> ValPoint | None:
         """The first validation with the highest recall (as `single-best` keeps it)."""
         return max(self.validation, key=lambda v: v.recall) if self.validation else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": [asdict(p) for p in self.steps], "validation": [asdict(v) for v in self.validation]}
+        return {"steps": [asdict(p) for p in self.steps], "validation": [asdict(v) for v in self.validation],
+                "first_search_recall": self.first_search_recall}

@@ -38,10 +38,11 @@ class LiveReport:
         base_program: dspy.Module,
         adapter: dspy.Adapter,
         num_threads: int,
+        first_search_recall: float | None = None,
     ):
         self.run_dir, self.manifest, self.history, self.start = Path(run_dir), manifest, history, start
         self.total_steps, self.examples, self.base_program = total_steps, list(examples), base_program
-        self.adapter, self.num_threads = adapter, num_threads
+        self.adapter, self.num_threads, self.first_search_recall = adapter, num_threads, first_search_recall
         self.before: list[ExampleResult] = []
         self.after: list[ExampleResult] = []
         self.after_label = ""
@@ -81,7 +82,7 @@ class LiveReport:
         m = self.manifest
         page = ReportPage(
             run_dir=str(self.run_dir), model=m.model, adapter=m.adapter, data=m.data, total_steps=self.total_steps,
-            curves=Curves.from_history(self.history, self.start), finished=finished, before=self.before,
+            curves=Curves.from_history(self.history, self.start, self.first_search_recall), finished=finished, before=self.before,
             after=self.after, after_label=self.after_label,
         )  # fmt: skip
         write_report(self.run_dir, page)

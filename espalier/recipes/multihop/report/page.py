@@ -9,7 +9,7 @@ from html import escape
 from pathlib import Path
 
 from espalier.recipes.multihop.metric import normalize_title
-from espalier.recipes.multihop.report.curves import Curves
+from espalier.recipes.multihop.report.curves import Curves, ValPoint
 from espalier.recipes.multihop.scoring import ExampleResult
 
 STYLE = """
@@ -74,6 +74,7 @@ def _cards(page: ReportPage) -> str:
     cards = [
         ("dev recall: baseline → best", f"{_pct(base and base.recall)} → {_pct(best and best.recall)}"),
         ("best at step", str(best.step) if best else "n/a"),
+        ("best recall beyond the first search (what the model adds)", _points(best, c.first_search_recall)),
         ("format failures: baseline → latest", f"{_pct(base and base.format_failure_rate)} → "
                                                f"{_pct(last and last.format_failure_rate)}"),
         ("steps", f"{len(c.steps)} / {page.total_steps}"),
@@ -82,6 +83,10 @@ def _cards(page: ReportPage) -> str:
     body = "".join(f"<div class='card'><div class='v'>{escape(v)}</div><div class='k'>{escape(k)}</div></div>"
                    for k, v in cards)
     return f"<div class='cards'>{body}</div>"
+
+
+def _points(best: ValPoint | None, floor: float | None) -> str:
+    return "n/a" if best is None or floor is None else f"{100 * (best.recall - floor):+.1f} points"
 
 
 def _img(page: ReportPage, name: str) -> str:

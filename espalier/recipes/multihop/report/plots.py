@@ -68,6 +68,9 @@ def _validation(c: Curves):
         ax.plot(xs, [100 * v.recall for v in c.validation], "o-", color=COLORS["recall"], label="recall")
         ax.plot(xs, [100 * v.format_failure_rate for v in c.validation], "s--", color=COLORS["format"],
                 label="format failures")
+        if c.first_search_recall is not None:
+            ax.axhline(100 * c.first_search_recall, color=COLORS["recall"], linestyle=":", linewidth=1.2,
+                       label="first search only (always-parsing floor)")
         ax.set_ylabel("% of dev examples")
         ax.set_ylim(-5, 105)
         ax.legend(loc="best", fontsize=8)
