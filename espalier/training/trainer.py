@@ -13,9 +13,10 @@ Departures from the paper / TRL / Arbor:
    weights before the step's first update, at the resolved sampling temperature), so every
    ratio is exactly 1 before the first update whatever the sampler did: on the step's first
    optimizer batch it is the same forward pass, detached (as TRL does), which saves a forward;
-   for later batches it is computed once before the first update, in eval mode (the engine
-   samples without dropout). The current policy's forward runs in train mode, so a LoRA
-   dropout > 0 adds its noise to later ratios, as in TRL.
+   for later batches it is computed once before the first update, micro-batch by micro-batch as
+   they will be trained, in train mode with the same dropout masks as their later forward
+   (seeded per micro-batch), so LoRA dropout and bf16 leave the ratio exactly 1 too (TRL draws
+   fresh masks, so its ratios deviate from 1 by the dropout noise).
 3. The engine's sampling log-probs never stand in for "old": they differ from the trainer's by
    what the trainer does not model (top_p, top_k, repetition_penalty, kernels, bf16). They
    serve only truncated importance sampling (TIS, as in verl and TRL): each token's policy
@@ -35,12 +36,14 @@ Departures from the paper / TRL / Arbor:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +69,14 @@ from espalier.types import Group, StepMetrics
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Micro:
+    """One micro-batch: positions of its sequences in the step's list, and the seed of its dropout masks."""
+
+    indices: list[int]
+    seed: int
 
 
 class GRPOTrainer:
@@ -108,9 +119,9 @@ class GRPOTrainer:
             self._build_scheduler(schedule_length(cfg, len(batches)))
         room = math.inf if cfg.max_steps is None else max(cfg.max_steps - self.optimizer_steps, 0)
         trained, skipped = batches[: int(min(room, len(batches)))], batches[int(min(room, len(batches))) :]
-        needed = [i for b in trained[1:] for i in b[self.processes.rank :: world] if self._needs_compute(sequences[i])]
-        old = self._old_logprobs(sequences, needed)
-        metrics = [self._optimizer_step(sequences, batch, old) for batch in trained]
+        plans = [self._micro_batches(sequences, batch) for batch in trained]
+        old = self._old_logprobs(sequences, [mb for plan in plans[1:] for mb in plan])
+        metrics = [self._optimizer_step(sequences, batch, plan, old) for batch, plan in zip(trained, plans, strict=True)]
         extra = {"dropped_long_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions),
                  "masked_truncated_completions": float(truncation.masked)}
         if skipped or room == 0:
@@ -123,14 +134,22 @@ class GRPOTrainer:
             m.extra.update(extra)
         return metrics
 
-    def _optimizer_step(self, sequences: list[TrainSequence], batch: list[int], old: dict[int, torch.Tensor]):
+    def _micro_batches(self, sequences: list[TrainSequence], batch: list[int]) -> list[Micro]:
+        """This process's micro-batches of one optimizer batch, each with the seed of its dropout masks."""
+        shard = batch[self.processes.rank :: self.processes.world_size]
+        active = [i for i in shard if self._needs_compute(sequences[i])]
+        base = int(torch.randint(0, 2**40, (1,)))  # one draw per batch on every process: the RNGs stay in step
+        seed = base * 4096 + self.processes.rank * 64  # distinct per process and micro-batch
+        return [Micro(ids, seed + n) for n, ids in enumerate(chunks(active, self.config.per_device_train_batch_size))]
+
+    def _optimizer_step(
+        self, sequences: list[TrainSequence], batch: list[int], micro: list[Micro], old: dict[int, torch.Tensor]
+    ) -> StepMetrics:
         cfg, procs = self.config, self.processes
         start = time.perf_counter()
         world = procs.world_size
-        shard = batch[procs.rank :: world]  # this process's sequences
-        active = [i for i in shard if self._needs_compute(sequences[i])]
-        self._record_skipped(sequences, [i for i in shard if i not in set(active)])
-        micro = chunks(active, cfg.per_device_train_batch_size)
+        computed = {i for m in micro for i in m.indices}
+        self._record_skipped(sequences, [i for i in batch[procs.rank :: world] if i not in computed])
         lengths = [len(sequences[i].completion_ids) for i in batch]
         norm = Normalizer(
             num_sequences=len(batch),
@@ -143,11 +162,12 @@ class GRPOTrainer:
         # (tokens with sampling log-probs, sum |gap|, tokens with |gap| > 0.1, TIS weights capped), this process
         stats = torch.zeros(10, dtype=torch.float64)
         ratio_dev = torch.zeros(world, dtype=torch.float64)  # max |ratio - 1| of each process, in its own slot
-        for indices in micro:
-            mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
+        for m in micro:
+            mb = collate([sequences[i] for i in m.indices], m.indices, self.pad_id).to(self.device)
             self._record(mb)
             with self._autocast():
-                logp = self._logprobs(mb)  # (B, C)
+                with self._dropout_masks(m.seed):
+                    logp = self._logprobs(mb)  # (B, C)
                 ref = self._reference_logprobs(mb) if cfg.beta > 0 else None  # (B, C) | None
             old_logp = self._stack_old(old, mb, logp.detach())  # (B, C)
             mask = mb.completion_mask  # (B, C)
@@ -260,17 +280,26 @@ class GRPOTrainer:
             return self._logprobs(mb)  # (B, C)
 
     @torch.no_grad()
-    def _old_logprobs(self, sequences: list[TrainSequence], needed: list[int]) -> dict[int, torch.Tensor]:
-        """The pre-update policy's log-probs of the `needed` sequences (eval mode: the sampler has no dropout)."""
+    def _old_logprobs(self, sequences: list[TrainSequence], micro: list[Micro]) -> dict[int, torch.Tensor]:
+        """The pre-update policy's log-probs, micro-batch by micro-batch as they will be trained, with the
+        same dropout masks: at lr 0 the ratio is then exactly 1, dropout and bf16 included."""
         old: dict[int, torch.Tensor] = {}
-        self.model.eval()
-        for indices in chunks(needed, self.config.per_device_train_batch_size):
-            mb = collate([sequences[i] for i in indices], indices, self.pad_id).to(self.device)
-            with self._autocast():
+        self.model.train()
+        for m in micro:
+            mb = collate([sequences[i] for i in m.indices], m.indices, self.pad_id).to(self.device)
+            with self._autocast(), self._dropout_masks(m.seed):
                 logp = self._logprobs(mb).cpu()  # (B, C)
-            for row, i in enumerate(indices):
+            for row, i in enumerate(m.indices):
                 old[i] = logp[row, : len(sequences[i].completion_ids)]
         return old
+
+    @contextlib.contextmanager
+    def _dropout_masks(self, seed: int):
+        """A forward whose dropout masks are a function of `seed` only (the global RNG is left as it was)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            yield
 
     @staticmethod
     def _stack_old(old: dict[int, torch.Tensor], mb: MicroBatch, current: torch.Tensor) -> torch.Tensor:

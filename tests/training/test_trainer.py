@@ -142,12 +142,19 @@ def test_sampler_logprobs_never_change_the_ratio_only_the_capped_weight(tiny_lla
     assert metrics.extra["mismatch_mean_abs_logprob"] > 40
 
 
-def test_later_optimizer_batches_use_the_trainers_own_old_logprobs(tiny_llama_dir: Path) -> None:
-    """Four optimizer batches at lr 0: the pre-update forward is the 'old' policy, so every ratio is 1."""
-    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=1, learning_rate=0.0)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_later_optimizer_batches_use_the_trainers_own_old_logprobs(tiny_llama_dir: Path, dropout: float) -> None:
+    """Four optimizer batches at lr 0: the pre-update forward is the 'old' policy, so every ratio is 1;
+    with LoRA dropout too, because 'old' and the policy forward share each micro-batch's dropout masks."""
+    lora = NO_DROPOUT | {"lora_dropout": dropout}
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=1, learning_rate=0.0, lora_config=lora)
+    with torch.no_grad():  # a trained adapter (B = 0 at init would hide the dropout)
+        for name, weight in trainer.model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
     metrics = trainer.train_step(_with_sampler_logprobs(-3.0))
     assert len(metrics) == 4
-    assert max(m.extra["ratio_max_deviation"] for m in metrics) < 1e-5
+    assert max(m.extra["ratio_max_deviation"] for m in metrics) < 1e-6
     assert all(m.clip_ratio_low == 0.0 and m.clip_ratio_high == 0.0 for m in metrics)
 
 
