@@ -7,8 +7,9 @@ named LoRA adapters that are loaded and unloaded at run time.
 Departures from Arbor:
 1. The engine is a Protocol with two small implementations, not a manager class that owns
    processes, ports and NCCL groups at once.
-2. Adapters are loaded by name (a peft directory); the base weights never move, so there is
-   no merge-and-broadcast of the full model after each step.
+2. Adapters are loaded by name (a peft directory); nothing is broadcast after a step. vLLM
+   runs them as LoRA kernels; the transformers engine merges the one in use into its own
+   served weights (`lora.py`, W0 kept for `@base` and the other adapters).
 3. Log-probs are those of the distribution that sampled (after repetition penalty,
    temperature, top-k and top-p), as vLLM's `processed_logprobs`; with the recipe's
    `top_k=-1, top_p=1` this is `log_softmax(logits / T)`, what the trainer computes.

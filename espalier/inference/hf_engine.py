@@ -10,13 +10,19 @@ batch (`kv.DecodeBatch`). Every row keeps its own sampling parameters and seed
 Departures from Arbor / `transformers.generate`:
 1. Rows of one forward pass carry different temperatures, top-p, top-k, penalties, seeds
    and stop strings; the token ids returned are exactly those sampled, EOS included.
-2. LoRA adapters are peft adapters held in memory next to the base weights and switched
-   per batch (`set_adapter` / `disable_adapter`); the base weights never move. A batch holds
-   rows of one adapter; requests wait in arrival order for the batch of theirs.
+2. LoRA adapters are merged into the served weights (`lora.WeightSets`: W0 + scale * B @ A,
+   W0 kept), so the policy decodes at the base model's speed; a batch holds rows of one
+   adapter, its weight set is put in place by re-pointing each Linear (no copy), and
+   requests wait in arrival order for the batch of theirs.
 3. A failed step fails only the rows in flight, with the reason; a dead worker thread is
    brought back by `restart()` with the same model and adapters.
 4. Full-attention models only (sliding-window layers would need their own KV layout):
    others are refused with a pointer to `--engine vllm`.
+5. Prefill (compute-bound) runs in bf16 where the device's bf16 matmuls are faster
+   (`precision.fast_bf16`, measured: on an AVX2-only CPU bf16 is many times slower), decode
+   steps in fp32 (`decode_bf16=True` measured slower: autocast casts the fp32 KV cache every
+   step); the first token's log-prob is that of the prefill's logits, the distribution it was
+   sampled from. `prefill_bf16=False` makes every step fp32.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-import warnings
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -36,9 +41,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
+from espalier.inference.lora import LoraFactors, WeightSets, read_adapter
 from espalier.inference.sampling import RowParams, sample_rows_with_top
+from espalier.precision import fast_bf16
 
-_UNKNOWN = object()  # peft's active adapter after a load or unload
+_UNKNOWN = object()  # the weights in place after an adapter was (re)loaded or unloaded
 
 
 @dataclass
@@ -61,7 +68,8 @@ class _Pending:
 
 
 class TransformersEngine:
-    def __init__(self, model_path: Path, device: str = "cpu", max_batch_rows: int = 32, prefix_cache_mb: int = 1024):
+    def __init__(self, model_path: Path, device: str = "cpu", max_batch_rows: int = 32, prefix_cache_mb: int = 1024,
+                 prefill_bf16: bool | None = None, decode_bf16: bool = False, threads: int | None = None):
         self.model_path = Path(model_path)
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -72,7 +80,15 @@ class TransformersEngine:
         self.max_batch_rows = max_batch_rows
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self._adapters: dict[str, Path] = {}
-        self._active: str | None | object = _UNKNOWN  # the adapter peft has active (None: adapter layers off)
+        self._factors: dict[str, dict[str, LoraFactors]] = {}
+        self._weights = WeightSets(self.model, full_precision=_head_names(self.model))
+        prefill_bf16 = fast_bf16(device) if prefill_bf16 is None else prefill_bf16
+        self.prefill_bf16, self.decode_bf16 = (flag and _plain_head(self.model) for flag in (prefill_bf16, decode_bf16))
+        self.threads = threads
+        if self.prefill_bf16 or self.decode_bf16:  # the first bf16 forward sets up its kernels (~10 s on a busy CPU)
+            with torch.inference_mode(), _threads(threads):
+                self._forward(torch.tensor([[0]], device=device), None, None, low=True)
+        self._active: str | None | object = None  # the adapter whose weights are in place (None: the base model)
         self._model_lock = threading.Lock()  # held while a step runs or an adapter is (un)loaded
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._stop = threading.Event()
@@ -95,16 +111,10 @@ class TransformersEngine:
             raise EngineError(f"generation did not finish within {timeout} s") from e
 
     def load_adapter(self, name: str, path: Path) -> None:
-        from peft import PeftModel
-
+        factors = read_adapter(Path(path))
         with self._model_lock:
-            if name in self._adapters:
-                self._delete_adapter(name)
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
-            self._adapters[name] = Path(path)
+            self._weights.forget(name)  # a reload replaces the previous merge
+            self._adapters[name], self._factors[name] = Path(path), factors
             self.prefix_cache.drop(name)
             self._active = _UNKNOWN
 
@@ -112,7 +122,8 @@ class TransformersEngine:
         with self._model_lock:
             if name not in self._adapters:
                 raise KeyError(f"adapter {name!r} is not loaded")
-            self._delete_adapter(name)
+            del self._adapters[name], self._factors[name]
+            self._weights.forget(name)
             self.prefix_cache.drop(name)
             self._active = _UNKNOWN
 
@@ -135,15 +146,6 @@ class TransformersEngine:
         _fail(self._drain_queue(), EngineUnavailable("the transformers engine was stopped"))
 
     # ---- worker ----------------------------------------------------------------------
-
-    def _delete_adapter(self, name: str) -> None:
-        del self._adapters[name]
-        if self._adapters:
-            with warnings.catch_warnings():  # peft warns when the active adapter goes; we set one per batch
-                warnings.simplefilter("ignore", UserWarning)
-                self.model.delete_adapter(name)
-        else:  # peft cannot delete its last adapter: drop the LoRA layers (no merge)
-            self.model = self.model.unload().eval()
 
     def _drain_queue(self) -> list[_Pending]:
         found = []
@@ -178,7 +180,7 @@ class TransformersEngine:
                 continue
             batch.adapter = p.request.adapter
             try:
-                with self._model_lock, torch.inference_mode():
+                with self._model_lock, torch.inference_mode(), _threads(self.threads):
                     self._use_adapter(p.request.adapter)
                     self._prefill(batch, p)
             except Exception as e:  # this request fails, the others go on
@@ -189,22 +191,37 @@ class TransformersEngine:
         prompt = torch.tensor(p.request.prompt_ids, device=self.device)
         reused, prefix = self.prefix_cache.lookup(p.request.adapter, prompt)
         cache = GrowingCache(prefix) if prefix else None
-        out = self.model(
-            input_ids=prompt[reused:].unsqueeze(0), past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
-        kv = cache_kv(out.past_key_values)
+        logits, cache = self._forward(prompt[reused:].unsqueeze(0), cache, p.request.adapter, self.prefill_bf16)
+        kv = [(k.float(), v.float()) for k, v in cache_kv(cache)]  # decode steps keep an fp32 cache
         self.prefix_cache.add(p.request.adapter, prompt, kv)
         p.rows = [self._row(p, j, prompt) for j in range(p.request.n)]
-        logits = out.logits[:, -1, :].expand(len(p.rows), -1)  # (n, V)
+        logits = logits.expand(len(p.rows), -1)  # (n, V)
         tokens = self._sample(p.rows, logits)
         live = [i for i, r in enumerate(p.rows) if r.finish is None]
         if live:
             batch.join([p.rows[i] for i in live], kv, tokens[live].unsqueeze(1))
         self._resolve_if_done(p)
 
+    def _forward(self, ids: torch.Tensor, cache, adapter: str | None, low: bool, **kwargs):
+        """Last-position logits (B, V) in fp32 and the cache the model filled.
+
+        `low`: the decoder runs under bf16 autocast on bf16 weight copies and the LM head in fp32
+        (logits keep fp32 resolution). On the 2-core CPU bf16 prefill was ~1.5-2x faster than fp32
+        (BENCHMARKS.md, "engine choices")."""
+        if not low:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+            return out.logits[:, -1, :].float(), out.past_key_values
+        self._weights.use(adapter, self._factors.get(adapter), low=True)
+        try:
+            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16):
+                out = self.model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        finally:
+            self._weights.use(adapter, self._factors.get(adapter))
+        return self.model.get_output_embeddings()(out.last_hidden_state[:, -1, :].float()), out.past_key_values
+
     def _step_or_fail(self, batch: DecodeBatch) -> None:
         try:
-            with self._model_lock, torch.inference_mode():
+            with self._model_lock, torch.inference_mode(), _threads(self.threads):
                 self._use_adapter(batch.adapter)
                 self._step(batch)
         except Exception as e:  # the rows in flight fail, the engine goes on
@@ -215,10 +232,10 @@ class TransformersEngine:
         """One decode step for every row in flight; finished rows leave the batch."""
         mask = torch.cat([batch.mask, torch.ones_like(batch.next_ids)], dim=1)  # (B, W + 1)
         positions = mask.sum(-1, keepdim=True) - 1  # (B, 1)
-        out = self.model(input_ids=batch.next_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=batch.cache, use_cache=True)  # fmt: skip
+        logits, _ = self._forward(batch.next_ids, batch.cache, batch.adapter, self.decode_bf16, attention_mask=mask,
+                                  position_ids=positions)  # (B, V)
         batch.mask = mask
-        batch.next_ids = self._sample(batch.rows, out.logits[:, -1, :]).unsqueeze(1)
+        batch.next_ids = self._sample(batch.rows, logits).unsqueeze(1)
         done = [i for i, r in enumerate(batch.rows) if r.finish is not None]
         for i in done:
             row = batch.rows[i]
@@ -249,16 +266,10 @@ class TransformersEngine:
         return _Row(request, params, p, prompt)
 
     def _use_adapter(self, adapter: str | None) -> None:
-        """Make `adapter` (None: the base model) the active one; peft's switch costs 7-30 ms, so only on change."""
-        if not self._adapters or adapter == self._active:
-            return
-        if adapter is None:
-            self.model.base_model.disable_adapter_layers()
-        else:
-            if self._active is None or self._active is _UNKNOWN:
-                self.model.base_model.enable_adapter_layers()
-            self.model.set_adapter(adapter)
-        self._active = adapter
+        """Put the weights of `adapter` (None: the base model) in place, merging them if they are not held."""
+        if adapter != self._active:
+            self._weights.use(adapter, self._factors.get(adapter))
+            self._active = adapter
 
     def _append(self, row: _Row, token: int, logprob: float) -> None:
         row.tokens.append(token)
@@ -283,6 +294,35 @@ class TransformersEngine:
             logprobs=tuple(row.logprobs) if row.request.logprobs else None,
             top_logprobs=tuple(row.top) if row.request.top_logprobs else None,
         )
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's threads for one forward pass (None, the default: as they are). On an idle 2-core CPU two threads
+    made an 18-row decode step 2.1x faster than one; on a loaded one, where each step waits for the slower
+    thread, one can be faster."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _head_names(model) -> tuple[str, ...]:
+    head = model.get_output_embeddings()
+    return tuple(name for name, m in model.named_modules() if m is head)
+
+
+def _plain_head(model) -> bool:
+    """Whether logits are the LM head of the decoder's last hidden state and nothing more (no soft-capping or
+    scaling), so that prefill may run the two apart."""
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling") if getattr(text, k, None)]
+    return not scaled and model.get_output_embeddings() is not None
 
 
 def _in_flight(batch: DecodeBatch) -> list[_Pending]:

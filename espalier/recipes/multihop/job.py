@@ -68,6 +68,8 @@ class RunOptions:
 
 def train_kwargs_for(opts: RunOptions) -> dict[str, Any]:
     """The recipe's train_kwargs, with CPU-sized values from the options."""
+    from espalier.precision import fast_bf16
+
     return {
         "per_device_train_batch_size": opts.batch_size,
         "gradient_accumulation_steps": opts.grad_accum,
@@ -78,7 +80,7 @@ def train_kwargs_for(opts: RunOptions) -> dict[str, Any]:
         "beta": 0.0,
         "learning_rate": opts.learning_rate,
         "gradient_checkpointing": False,
-        "bf16": True,
+        "bf16": fast_bf16("cuda" if opts.num_training_gpus else "cpu"),  # measured: bf16 is slower on AVX2-only CPUs
         "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": 2,
         "loss_type": opts.loss_type,
