@@ -2,7 +2,7 @@
 
 The job's rollouts (its engine, adapter and sampling settings, the recipe-shaped LoRA adapter
 active) are trained at learning rate 0 by a `GRPOTrainer` holding the same adapter, once with
-bf16 autocast (the job's setting) and once in fp32. The trainer's step metrics report the gap
+bf16 autocast and once in fp32 (the job uses bf16 where `precision.fast_bf16` says it is faster). The trainer's step metrics report the gap
 exactly as a run logs it: mean |logp_engine - logp_trainer| per token, the share of tokens
 beyond 0.1 nats, and the share whose TIS weight min(p_trainer / p_engine, 2) is capped. The
 ratio of the GRPO loss does not depend on this gap (its "old" log-probs are the trainer's own);
@@ -14,10 +14,12 @@ from __future__ import annotations
 from benchmarks.common import Section, Table, fmt
 from benchmarks.program import JitteredMetric, make_lm, make_program
 from benchmarks.scaling import groups_of
+from espalier.precision import fast_bf16
 
 LIMITS = (
-    "One step's rollouts (sampled lengths vary); the engine computes in fp32, so the bf16 row shows the trainer's "
-    "autocast error and the fp32 row the kernels' (batching, padding) error."
+    "One step's rollouts (sampled lengths vary); the engine decodes in fp32 and prefills in bf16 only where bf16 is "
+    "faster, so with an fp32 engine the bf16 row shows the trainer's autocast error and the fp32 row the kernels' "
+    "(batching, padding) error."
 )
 
 
@@ -59,7 +61,9 @@ def run(bench) -> Section:
                         job_adapter(), desc="mismatch rollouts")
     groups = groups_of(runs, predictors)
     rows, data = [], {}
-    for name, bf16 in (("bf16 autocast (the job's)", True), ("fp32", False)):
+    job_bf16 = fast_bf16("cpu")  # what the job and the engine choose on this machine
+    for name, bf16 in (("bf16 autocast", True), ("fp32", False)):
+        name += " (the job's here)" if bf16 == job_bf16 else ""
         g = gap(trainer_with_adapter(bench, bf16).train_step(groups))
         data[name] = g
         rows.append([name, fmt(g["tokens"], 0), f"{g['mismatch_mean_abs_logprob']:.4f}",
@@ -67,7 +71,7 @@ def run(bench) -> Section:
                      f"{g['ratio_max_deviation']:.1e}"])
     table = Table(
         f"Sampler/trainer gap on one step of the job's rollouts ({s.k} claims x {s.G} runs, {bench.grpo_engine} "
-        f"engine in fp32, adapter active, T {SAMPLING['temperature']})",
+        f"engine, prefill in {'bf16' if job_bf16 else 'fp32'}, adapter active, T {SAMPLING['temperature']})",
         ["trainer", "tokens", "mean |logp gap| (nats)", "tokens over 0.1 nats", "TIS weights capped at 2",
          "max |ratio - 1| at lr 0"],
         rows,
