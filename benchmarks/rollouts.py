@@ -153,5 +153,5 @@ def run(bench) -> Section:
          f"Peak share: tokens computed at least once (distinct prefixes) x 2 x {params / 1e6:.0f}M parameters per "
          f"second over the matmul peak of this run ({peak / 1e9:.0f} GFLOP/s)."],
     )
-    data = {"runs": runs, "waves": [len(w) for w in waves], "bf16_peak_gflops": peak / 1e9, "parameters": params}
+    data = {"runs": runs, "waves": [len(w) for w in waves], "matmul_peak_gflops": peak / 1e9, "parameters": params}
     return Section("rollouts", [table], data, limits=LIMITS)

@@ -33,6 +33,7 @@ import dspy
 
 from espalier.grpo_config import CompileConfig, resolve_sampling
 from espalier.program.provider import GRPOJobError
+from espalier.program.served import model_variant, served_copy, single_lm, teachers_of
 from espalier.rollout.grouping import build_groups
 from espalier.rollout.report import (
     MAX_FAILED_STEPS,
@@ -130,7 +131,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         **kwargs: Any,
     ) -> dspy.Module:
         cfg = self.config
-        lm = _single_lm(student)
+        lm = single_lm(student)
         sampling = resolve_sampling(lm.kwargs, self.train_kwargs)
         run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S"))
         self._report_plan(student, trainset)
@@ -140,7 +141,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             lm=lm,
             trainset=list(trainset),
             valset=self._validation_set(trainset, valset),
-            programs=[rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *_teachers(teacher, student)]],
+            programs=[rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *teachers_of(teacher, student)]],
             predictors=[name for name, _ in student.named_predictors()],
             tracker=make_tracker(self.train_config.report_to, run_dir, {**asdict(cfg), **self.train_kwargs}),
             job=lm.reinforce(train_kwargs=self._job_kwargs(sampling)),
@@ -268,8 +269,8 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         if run.valset is None:
             return
         cfg = self.config
-        model = run.lm.model if step > 0 else _model_variant(run.lm.model, "base")
-        program = _served_program(run.student, run.lm, model, cfg)
+        model = run.lm.model if step > 0 else model_variant(run.lm.model, "base")
+        program = served_copy(run.student, run.lm, model, cfg.val_temperature, cfg.exclude_demos)
         t0 = time.perf_counter()
         result = evaluate(program, run.valset, self.metric, cfg.num_threads, self.adapter, desc=f"validation @ step {step}")
         metrics = {f"val/{k}": v for k, v in result.to_dict().items()}
@@ -310,7 +311,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         elif mode in ("single-best", "improvements") and run.best_name is not None:
             model = run.job.checkpoint_model(run.best_name)
             logger.info("returning checkpoint %s (validation %.3f at step %d)", run.best_name, run.best_score, run.best_step)
-        final = _served_program(run.student, run.lm, model, self.config)
+        final = served_copy(run.student, run.lm, model, self.config.val_temperature, self.config.exclude_demos)
         final._compiled = True
         return final
 
@@ -361,54 +362,6 @@ class _Session:
     best_score: float = float("-inf")
     best_step: int = -1
     best_name: str | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-def _single_lm(student: dspy.Module) -> dspy.LM:
-    lms = {id(p.lm): p.lm for _, p in student.named_predictors() if p.lm is not None}
-    missing = [n for n, p in student.named_predictors() if p.lm is None]
-    if missing or not lms:
-        raise ValueError(f"predictors {missing or 'all'} have no LM: call program.set_lm(local_lm) before compile")
-    models = {lm.model for lm in lms.values()}
-    if len(models) > 1:
-        raise ValueError(f"all predictors must share one Espalier LM, found {sorted(models)}")
-    lm = next(iter(lms.values()))
-    if not getattr(lm.provider, "reinforceable", False):
-        raise ValueError(
-            "the program's LM has no reinforceable provider: build it as dspy.LM('openai/arbor:<model>', "
-            "provider=ArborProvider(), api_base=espalier.init()['base_url'])"
-        )
-    return lm
-
-
-def _teachers(teacher, student) -> list[dspy.Module]:
-    if teacher is None:
-        return []
-    teachers = teacher if isinstance(teacher, list) else [teacher]
-    names = [n for n, _ in student.named_predictors()]
-    for t in teachers:
-        if [n for n, _ in t.named_predictors()] != names:
-            raise ValueError("a teacher program must have the same predictors as the student (same structure)")
-    return teachers
-
-
-def _model_variant(model: str, name: str) -> str:
-    """'openai/arbor:<id>' -> 'openai/arbor:<id>@<name>': the server's name for a checkpoint's adapter."""
-    return f"{model.split('@', 1)[0]}@{name}"
-
-
-def _served_program(student: dspy.Module, lm: dspy.LM, model: str, cfg: CompileConfig) -> dspy.Module:
-    """A copy of the student that samples from `model` at the validation temperature."""
-    program = student.deepcopy()
-    served = lm.copy(model=model, temperature=cfg.val_temperature)
-    # No response cache: `<id>` names a policy that changes every step, and `<id>@step-N` names
-    # another run's adapter in DSPy's on-disk cache; a cached answer would be another model's.
-    served.cache = False
-    for _, predictor in program.named_predictors():
-        predictor.lm = served
-        if cfg.exclude_demos:
-            predictor.demos = []
-    return program
 
 
 def _terminate(job) -> None:

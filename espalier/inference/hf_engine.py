@@ -206,8 +206,8 @@ class TransformersEngine:
         """Last-position logits (B, V) in fp32 and the cache the model filled.
 
         `low`: the decoder runs under bf16 autocast on bf16 weight copies and the LM head in fp32
-        (logits keep fp32 resolution). On the 2-core CPU bf16 prefill was ~1.5-2x faster than fp32
-        (BENCHMARKS.md, "engine choices")."""
+        (logits keep fp32 resolution); chosen where `precision.fast_bf16` measures bf16 faster (BENCHMARKS.md,
+        "precision")."""
         if not low:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
             return out.logits[:, -1, :].float(), out.past_key_values

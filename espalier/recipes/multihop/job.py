@@ -186,8 +186,9 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
 
 def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, program, lm, adapter, floor: float):
     """run.json now, and the report at every validation (a few dev examples before and after)."""
+    from espalier.program.served import model_variant, served_copy
     from espalier.recipes.multihop.manifest import RunManifest
-    from espalier.recipes.multihop.report.live import LiveReport, served_copy
+    from espalier.recipes.multihop.report.live import LiveReport
 
     sizes = _sizes(opts)
     manifest = RunManifest(
@@ -196,7 +197,7 @@ def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, p
         num_hops=opts.num_hops, max_tokens=opts.max_tokens, val_temperature=opts.val_temperature, engine=opts.engine,
         num_inference_gpus=opts.num_inference_gpus,
     )  # fmt: skip
-    base = served_copy(program, lm, f"{lm.model.split('@', 1)[0]}@base", opts.val_temperature)
+    base = served_copy(program, lm, model_variant(lm.model, "base"), opts.val_temperature)
     return LiveReport(run_dir, manifest, compiler.history, start, opts.steps, dev[:REPORT_EXAMPLES], base, adapter,
                       opts.threads, floor)
 

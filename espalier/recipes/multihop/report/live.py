@@ -86,13 +86,3 @@ class LiveReport:
             after=self.after, after_label=self.after_label,
         )  # fmt: skip
         write_report(self.run_dir, page)
-
-
-def served_copy(program: dspy.Module, lm: dspy.LM, model: str, temperature: float) -> dspy.Module:
-    """A copy of `program` whose predictors sample from `model` at `temperature`, uncached."""
-    copy = program.deepcopy()
-    served = lm.copy(model=model, temperature=temperature)
-    served.cache = False  # `<id>@base` is the same name in every run; a cached answer could be another model's
-    for _, predictor in copy.named_predictors():
-        predictor.lm = served
-    return copy
