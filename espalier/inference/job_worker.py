@@ -1,7 +1,7 @@
 """The trainer worker process of a GRPO job: owns the `GRPOTrainer`, obeys commands on a pipe.
 
 Messages in: `("step", [group dicts], export_dir, record_path | None)`, `("checkpoint", directory)`,
-`("export", directory)`, `("stop",)`. Messages out: `("ok", payload)` or
+`("stop",)`. Messages out: `("ok", payload)` or
 `("error", kind, message)` where kind is "config" for a bad train_kwargs (-> HTTP 400) and
 "trainer" otherwise. The process exits on "stop" or when the pipe closes.
 
@@ -83,8 +83,6 @@ def _handle(trainer, message: tuple) -> Any:
         if not (adapter / "adapter_config.json").exists():
             adapter = trainer.export_adapter(adapter)
         return {"checkpoint": str(directory), "adapter": str(adapter)}
-    if command == "export":
-        return {"adapter": str(trainer.export_adapter(Path(message[1])))}
     raise ValueError(f"unknown command {command!r}")
 
 

@@ -197,6 +197,3 @@ class PrefixCache:
     def drop(self, adapter: str | None) -> None:
         """Forget an adapter's entries (it was replaced or unloaded)."""
         self._entries = [e for e in self._entries if e.adapter != adapter]
-
-    def clear(self) -> None:
-        self._entries = []

@@ -9,7 +9,6 @@ time, each under its own Recorder. `evaluate` runs the program once per example.
 from __future__ import annotations
 
 import contextvars
-import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -120,7 +119,3 @@ def map_threads(fn: Callable, items: list, num_threads: int, desc: str) -> list:
             bar.update(1)
         bar.close()
     return results
-
-
-def optimizer_steps_per_step(num_sequences: int, batch_size: int) -> int:
-    return math.ceil(num_sequences / max(batch_size, 1))
