@@ -42,6 +42,7 @@ _HELP = {
     "num_inference_gpus": "GPUs for the engine (0 = CPU)",
     "report_to": "none | wandb | mlflow | tensorboard",
     "run_dir": "where checkpoints, metrics and the summary go (default runs/multihop-<time>)",
+    "resume": "RUN_DIR of a killed run: go on with it after its last saved step, with its own options",
 }
 
 

@@ -37,6 +37,7 @@ ScaleRewards = Literal["group", "batch", "none"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCHEDULER_TYPES: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine")
 REPORT_TO: tuple[str, ...] = ("none", "wandb", "mlflow", "tensorboard")
+MAX_LORA_RANK = 1024
 ALL_PROJ_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
 
 
@@ -125,7 +126,18 @@ class TrainConfig:
         config._check_values()
         return config
 
+    def _check_types(self) -> None:
+        """Numbers are finite numbers and flags are booleans (JSON can send "abc", NaN or 1e999 for either)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "float | None") and not (value is None and f.type == "float | None"):
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ValueError(f"train_kwargs[{f.name!r}] = {value!r} must be a finite number")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"train_kwargs[{f.name!r}] = {value!r} must be true or false")
+
     def _check_values(self) -> None:
+        self._check_types()
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULER_TYPES)
         checks = [
@@ -254,4 +266,13 @@ def _lora_config(value: Any) -> dict[str, Any]:
         raise ValueError(
             f"unknown lora_config key(s) {unknown}; peft.LoraConfig fields are: {', '.join(sorted(known))}"
         )
-    return {**_default_lora(), **value}
+    merged = {**_default_lora(), **value}
+    r = merged["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_LORA_RANK:
+        raise ValueError(f"lora_config['r'] = {r!r} must be an integer in [1, {MAX_LORA_RANK}]")
+    alpha, dropout = merged["lora_alpha"], merged["lora_dropout"]
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise ValueError(f"lora_config['lora_alpha'] = {alpha!r} must be a finite number")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"lora_config['lora_dropout'] = {dropout!r} must be in [0, 1)")
+    return merged

@@ -25,13 +25,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import dspy
 
 from espalier.grpo_config import CompileConfig, resolve_sampling
+from espalier.grpo_session import Session, restore, save_state, saved_state, start_job, step_with_retry, terminate
 from espalier.program.provider import GRPOJobError
 from espalier.program.served import model_variant, served_copy, single_lm, teachers_of
 from espalier.rollout.grouping import build_groups
@@ -133,10 +134,11 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         cfg = self.config
         lm = single_lm(student)
         sampling = resolve_sampling(lm.kwargs, self.train_kwargs)
+        state = saved_state(cfg.run_dir, bool(kwargs.pop("resume", False)))
         run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S"))
         self._report_plan(student, trainset)
         overrides = {**sampling, "logprobs": True}
-        run = _Session(
+        run = Session(
             student=student,
             lm=lm,
             trainset=list(trainset),
@@ -144,32 +146,39 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             programs=[rollout_program(p, cfg.exclude_demos, overrides) for p in [student, *teachers_of(teacher, student)]],
             predictors=[name for name, _ in student.named_predictors()],
             tracker=make_tracker(self.train_config.report_to, run_dir, {**asdict(cfg), **self.train_kwargs}),
-            job=lm.reinforce(train_kwargs=self._job_kwargs(sampling)),
+            job=start_job(lm, self._job_kwargs(sampling), state),
+            run_dir=run_dir,
         )
         try:
-            self._validate(run, 0)
+            if state is None:
+                self._validate(run, 0)
+            else:
+                self.history[:] = restore(run, state, self.rng)  # in place: hooks hold this list
+                if run.steps_done % cfg.num_steps_for_val == 0 and run.last_validated != run.steps_done:
+                    self._validate(run, run.steps_done)  # it was cut off by the kill
             done = self._loop(run)
             if run.last_validated != done:
                 self._validate(run, done)
             return self._finish(run)
         finally:
             run.tracker.close()
-            _terminate(run.job)
+            terminate(run.job)
 
     def _job_kwargs(self, sampling: dict[str, Any]) -> dict[str, Any]:
         """What the trainer gets: the user's train_kwargs with the one resolved set of sampling settings."""
         return {"num_train_steps": self.config.num_train_steps, **self.train_kwargs, **sampling}
 
-    def _loop(self, run: _Session) -> int:
+    def _loop(self, run: Session) -> int:
         """GRPO steps until num_train_steps, max_steps or Ctrl-C; returns the steps done."""
-        cfg, done = self.config, 0
+        cfg, done = self.config, run.steps_done
         try:
-            for step in range(cfg.num_train_steps):
+            for step in range(run.steps_done, cfg.num_train_steps):
                 if self._stop.is_set():
                     logger.info("stop requested after %d steps", done)
                     break
                 record = self._train_step(step, run)
-                done = step + 1
+                done = run.steps_done = step + 1
+                save_state(run, self.rng, self.history)
                 run.tracker.log(record["metrics"], done)
                 if self.train_config.log_completions and step % self.train_config.logging_steps == 0:
                     run.tracker.log_table("completions", record["completions"], done)
@@ -187,10 +196,10 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         return done
 
     # ----------------------------------------------------------------------------------------
-    def _train_step(self, step: int, run: _Session) -> dict[str, Any]:
+    def _train_step(self, step: int, run: Session) -> dict[str, Any]:
         cfg = self.config
         t0 = time.perf_counter()
-        examples = self._draw(run.trainset)
+        examples = self._draw(run)
         rollouts = run_rollouts(
             run.programs,
             examples,
@@ -214,7 +223,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         )
         if self.on_groups:
             self.on_groups(groups)
-        train = run.job.step_groups(groups) if groups else {"metrics": [], "optimizer_steps": 0}
+        train = step_with_retry(run.job, groups) if groups else {"metrics": [], "optimizer_steps": 0}
         t2 = time.perf_counter()
         metrics = step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
         self.history.append({"kind": "step", "step": step + 1, "timestamp": time.time(), **metrics})
@@ -231,19 +240,17 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         capped = bool(cap) and train.get("optimizer_steps", 0) >= cap
         return {"metrics": metrics, "completions": completion_rows(rollouts), "capped": capped}
 
-    def _draw(self, trainset: Sequence[dspy.Example]) -> list[tuple[int, dspy.Example]]:
+    def _draw(self, run: Session) -> list[tuple[int, dspy.Example]]:
         """k examples, walking a per-epoch seeded shuffle of the trainset."""
-        if not hasattr(self, "_order"):
-            self._order, self._cursor = [], 0
         drawn = []
         while len(drawn) < self.config.num_dspy_examples_per_grpo_step:
-            if self._cursor >= len(self._order):
-                self._order = list(range(len(trainset)))
-                self.rng.shuffle(self._order)
-                self._cursor = 0
-            i = self._order[self._cursor]
-            self._cursor += 1
-            drawn.append((i, trainset[i]))
+            if run.cursor >= len(run.order):
+                run.order = list(range(len(run.trainset)))
+                self.rng.shuffle(run.order)
+                run.cursor = 0
+            i = run.order[run.cursor]
+            run.cursor += 1
+            drawn.append((i, run.trainset[i]))
         return drawn
 
     # ----------------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             )
         return None
 
-    def _validate(self, run: _Session, step: int) -> None:
+    def _validate(self, run: Session, step: int) -> None:
         run.last_validated = step
         if run.valset is None:
             return
@@ -290,10 +297,11 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             result.num_examples,
         )
         self._keep(step, result, run)
+        save_state(run, self.rng, self.history)
         if self.on_validation:
             self.on_validation(step, result)
 
-    def _keep(self, step: int, result: EvalResult, run: _Session) -> None:
+    def _keep(self, step: int, result: EvalResult, run: Session) -> None:
         score = self.validation_score(result)
         if self.config.checkpoint not in ("single-best", "improvements") or score <= run.best_score:
             return
@@ -303,7 +311,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         run.best_score, run.best_step, run.best_name = score, step, name
         logger.info("new best validation score %.3f at step %d (checkpoint %s)", score, step, name)
 
-    def _finish(self, run: _Session) -> dspy.Module:
+    def _finish(self, run: Session) -> dspy.Module:
         mode, model = self.config.checkpoint, run.lm.model
         if mode == "last" and run.job.get_status().get("status") == "running":
             run.job.save_checkpoint("last")
@@ -343,29 +351,3 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
                 cfg.num_train_steps * updates,
                 tc.max_steps // max(updates, 1),
             )
-
-
-@dataclass
-class _Session:
-    """The state of one `compile` call."""
-
-    student: dspy.Module
-    lm: dspy.LM
-    trainset: list[dspy.Example]
-    valset: list[dspy.Example] | None
-    programs: list[dspy.Module]  # rollout copies: the student first, then teachers
-    predictors: list[str]
-    tracker: Any
-    job: Any  # the provider's ReinforceJob
-    last_validated: int = -1
-    failed_steps: int = 0  # consecutive steps whose runs failed (not the metric) so that no group trained
-    best_score: float = float("-inf")
-    best_step: int = -1
-    best_name: str | None = None
-
-
-def _terminate(job) -> None:
-    try:
-        job.terminate()
-    except Exception as e:  # noqa: BLE001 - the result is already computed; say why cleanup failed
-        logger.warning("could not terminate the GRPO job cleanly: %s", e)

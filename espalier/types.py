@@ -57,8 +57,10 @@ class Sample:
     truncated: bool = False  # cut at the token limit; `mask_truncated_completions` leaves it out of the loss
 
     def __post_init__(self) -> None:
-        if not self.completion_ids:
-            raise ValueError("a Sample needs at least one completion token")
+        if not self.prompt_ids or not self.completion_ids:
+            raise ValueError("a Sample needs at least one prompt token and one completion token")
+        if not all(type(t) is int and t >= 0 for t in (*self.prompt_ids, *self.completion_ids)):
+            raise ValueError("prompt_ids and completion_ids must be lists of non-negative integer token ids")
         if self.logprobs is not None and len(self.logprobs) != len(self.completion_ids):
             raise ValueError(
                 f"logprobs has {len(self.logprobs)} entries for {len(self.completion_ids)} completion tokens"

@@ -17,19 +17,30 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode (JSON can carry a lone surrogate, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode ({e.reason} at position {e.start})") from e
+    return text
+
 
 def flatten_content(content: Any) -> str:
     """OpenAI content may be a string or a list of parts; only text parts are supported."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return check_text(content, "message content")
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise ValueError("only text content parts are supported")
-            texts.append(str(part.get("text", "")))
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text", ""), str):
+                raise ValueError("only text content parts ({'type': 'text', 'text': '...'}) are supported")
+            texts.append(check_text(part.get("text", ""), "message content"))
         return "".join(texts)
     raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
 
@@ -39,9 +50,9 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         raise ValueError("messages must be a non-empty list")
     out = []
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError("each message must be an object with a 'role'")
-        out.append({"role": str(m["role"]), "content": flatten_content(m.get("content"))})
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"each message must be an object with a 'role' among {ROLES}")
+        out.append({"role": m["role"], "content": flatten_content(m.get("content"))})
     return out
 
 

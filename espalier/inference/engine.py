@@ -17,7 +17,8 @@ Departures from Arbor:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +47,9 @@ class GenerateRequest:
     adapter: str | None = None  # None = the base model
     logprobs: bool = True
     top_logprobs: int = 0  # > 0: also the k most likely tokens at each position, under the sampling distribution
+    # Set when nobody waits for the answer any more (the HTTP client went away): the transformers engine drops the
+    # request's rows at its next decode step; vLLM's server finishes it.
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -17,33 +17,52 @@ Departures from Arbor:
    is validating for an hour, so a 409 would wedge the server until it is restarted; the
    caller of `initialize` is the one user the server can hear. A bad new config is a 400
    before the running job is touched.
-4. `num_training_gpus` picks the trainer's devices and number of ranks (`training_placement`);
+4. `resume_job` and `resume_step` (Espalier's) go on with an earlier job of this server's run
+   directory from the trainer state saved after that step (job.py, `compile(..., resume=True)`).
+5. `num_training_gpus` picks the trainer's devices and number of ranks (`training_placement`);
    more GPUs than the machine has is a 400 naming the fix, before any process starts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
-from espalier.inference.job import GRPOJob, JobError, JobOptions, groups_from_batch, training_placement
+from espalier.inference.job import (
+    GRPOJob,
+    JobError,
+    JobOptions,
+    check_groups,
+    groups_from_batch,
+    training_placement,
+)
 from espalier.inference.serving import UnknownModel, strip_prefix
 from espalier.types import Group
 
 _META = {"model", "suffix", "trainer_config", "inference_config", "gpu_config", "batches_per_step", "job_id",
-         "wandb_kwargs", "grpo_flavor"}
+         "wandb_kwargs", "grpo_flavor", "resume_job", "resume_step"}
+
+
+MAX_BATCHES_PER_STEP = 1024
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def _object(body: dict[str, Any], name: str) -> dict[str, Any]:
+    value = body.get(name) or {}
+    if not isinstance(value, dict):
+        raise oa.BadRequest(f"{name} must be an object, got {type(value).__name__}", name)
+    return value
 
 
 def _train_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in body.items() if k not in _META and v is not None}
-    trainer_config = body.get("trainer_config") or {}
-    if not isinstance(trainer_config, dict):
-        raise oa.BadRequest("trainer_config must be an object", "trainer_config")
-    kwargs.update({k: v for k, v in trainer_config.items() if v is not None})
-    gpu = (body.get("gpu_config") or {}).get("multi") or {}
+    kwargs.update({k: v for k, v in _object(body, "trainer_config").items() if v is not None})
+    gpu = _object(_object(body, "gpu_config"), "multi")
     for key in ("num_training_gpus", "num_inference_gpus"):
         if key in gpu and key not in kwargs:
             kwargs[key] = gpu[key]
@@ -73,6 +92,45 @@ def _job(request: Request, body: dict[str, Any]) -> GRPOJob:
     return job
 
 
+def _batches_per_step(body: dict[str, Any]) -> int:
+    value = body.get("batches_per_step")
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCHES_PER_STEP:
+        raise oa.BadRequest(f"batches_per_step must be an integer in [1, {MAX_BATCHES_PER_STEP}], got {value!r}",
+                            "batches_per_step")
+    return value
+
+
+def _resume(body: dict[str, Any]) -> tuple[str, int] | None:
+    """Espalier's extension: `resume_job` and `resume_step` go on with an earlier job of this run directory."""
+    job, step = body.get("resume_job"), body.get("resume_step", 0)
+    if job is None:
+        return None
+    if not isinstance(job, str) or not re.fullmatch(r"grpo-[0-9a-f]{12}", job):
+        raise oa.BadRequest(f"resume_job must be a job id like 'grpo-0123456789ab', got {job!r}", "resume_job")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise oa.BadRequest(f"resume_step must be an integer >= 0, got {step!r}", "resume_step")
+    return job, step
+
+
+def _groups(body: dict[str, Any], tokenizer, max_model_len: int) -> tuple[list[Group], list[int]]:
+    """The step's groups (Espalier's `groups` or an Arbor `batch`), checked against the served model."""
+    try:
+        if body.get("groups") is not None:
+            if not isinstance(body["groups"], list):
+                raise ValueError("groups must be a list of {key, samples} objects")
+            groups, ids = [Group.from_dict(g) for g in body["groups"]], []
+        else:
+            groups, ids = groups_from_batch(body.get("batch"), tokenizer)
+        check_groups(groups, len(tokenizer), max_model_len)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise oa.BadRequest(f"bad GRPO batch: {e}", "batch") from e
+    if not ids and isinstance(body.get("batch_id"), int):
+        ids = [body["batch_id"]]  # Arbor's client: one group of members, its batch id beside it
+    return groups, ids
+
+
 def add_grpo_routes(app: FastAPI) -> None:
     from espalier.inference.server import _error, read_json
 
@@ -84,13 +142,19 @@ def add_grpo_routes(app: FastAPI) -> None:
     async def job_error(_: Request, e: JobError):
         return _error(e.status, str(e))
 
+    starting = asyncio.Lock()  # two initialize calls at once: the second supersedes the first, never both run
+
     @app.post("/v1/fine_tuning/grpo/initialize")
     async def initialize(request: Request):
         body = await read_json(request, limit)
+        async with starting:
+            return await _initialize(body)
+
+    async def _initialize(body: dict[str, Any]):
         model = body.get("model")
         if not isinstance(model, str) or strip_prefix(model).partition("@")[0] not in served.aliases:
             raise UnknownModel(f"this server trains {served.model_id!r}, not {model!r}")
-        kwargs = _train_kwargs(body)
+        kwargs, batches, resume = _train_kwargs(body), _batches_per_step(body), _resume(body)
         device, processes, visible = training_placement(kwargs, settings.train_processes)
         factory = getattr(app.state, "trainer_factory", None) or JobOptions.factory
         if factory == JobOptions.factory:  # another factory (a stand-in trainer) checks its own config
@@ -101,13 +165,14 @@ def add_grpo_routes(app: FastAPI) -> None:
             await run_in_threadpool(current.supersede, "a new initialize took over the server")
         options = JobOptions(
             model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
-            device=device, batches_per_step=int(body.get("batches_per_step") or 1),
+            device=device, batches_per_step=batches,
             step_timeout=settings.request_timeout * 6, factory=factory, record_trained=settings.record_trained,
-            processes=processes, visible_devices=visible,
+            processes=processes, visible_devices=visible, resume=resume,
         )
         job = await run_in_threadpool(GRPOJob, served, options)
-        if superseded:
+        if superseded and current.state.job_id != job.state.job_id:
             app.state.replaced[current.state.job_id] = job.state.job_id
+        app.state.replaced.pop(job.state.job_id, None)  # a resumed job answers to its id again
         app.state.job = job
         return job.status()
 
@@ -123,15 +188,7 @@ def add_grpo_routes(app: FastAPI) -> None:
     async def step(request: Request):
         body = await read_json(request, limit)
         job = _job(request, body)
-        try:
-            if body.get("groups") is not None:
-                groups, ids = [Group.from_dict(g) for g in body["groups"]], []
-            else:
-                groups, ids = groups_from_batch(body.get("batch"), served.engine.tokenizer)
-        except (ValueError, KeyError, TypeError) as e:
-            raise oa.BadRequest(f"bad GRPO batch: {e}", "batch") from e
-        if not ids and isinstance(body.get("batch_id"), int):
-            ids = [body["batch_id"]]  # Arbor's client: one group of members, its batch id beside it
+        groups, ids = _groups(body, served.engine.tokenizer, served.engine.max_model_len)
         await run_in_threadpool(job.step, groups, ids)
         return job.status()
 
@@ -140,8 +197,9 @@ def add_grpo_routes(app: FastAPI) -> None:
         body = await read_json(request, limit)
         job = _job(request, body)
         name = body.get("checkpoint_name")
-        if not isinstance(name, str) or not name or "/" in name or "@" in name or name in ("base", ".", ".."):
-            raise oa.BadRequest("checkpoint_name must be a non-empty name without '/' or '@'", "checkpoint_name")
+        if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name) or name == "base":
+            raise oa.BadRequest("checkpoint_name must be 1-128 letters, digits, '.', '-' or '_', not starting with "
+                                "'.', and not 'base'", "checkpoint_name")
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise oa.BadRequest("metadata must be an object", "metadata")

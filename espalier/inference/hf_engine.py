@@ -28,12 +28,14 @@ Departures from Arbor / `transformers.generate`:
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -79,6 +81,7 @@ class TransformersEngine:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.max_batch_rows = max_batch_rows
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
+        self.cancelled_requests = 0  # requests dropped mid-generation because their client went away
         self._adapters: dict[str, Path] = {}
         self._factors: dict[str, dict[str, LoraFactors]] = {}
         self._weights = WeightSets(self.model, full_precision=_head_names(self.model))
@@ -102,12 +105,15 @@ class TransformersEngine:
             raise EngineUnavailable("the transformers engine is not running")
         if request.adapter is not None and request.adapter not in self._adapters:
             raise EngineError(f"adapter {request.adapter!r} is not loaded")
-        pending = _Pending(request, Future())
-        self._queue.put(pending)
+        parts = [_Pending(part, Future()) for part in split_rows(request, self.max_batch_rows)]
+        for pending in parts:
+            self._queue.put(pending)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return pending.future.result(timeout=timeout)
+            return [s for p in parts for s in p.future.result(None if deadline is None else deadline - time.monotonic())]
         except FutureTimeout as e:
-            pending.future.cancel()
+            for pending in parts:
+                pending.future.cancel()
             raise EngineError(f"generation did not finish within {timeout} s") from e
 
     def load_adapter(self, name: str, path: Path) -> None:
@@ -176,6 +182,8 @@ class TransformersEngine:
             if batch and (p.request.adapter != batch.adapter or len(batch) + p.request.n > self.max_batch_rows):
                 return
             waiting.popleft()
+            if p.request.cancel is not None and p.request.cancel.is_set():
+                p.future.cancel()
             if not p.future.set_running_or_notify_cancel():
                 continue
             batch.adapter = p.request.adapter
@@ -236,6 +244,9 @@ class TransformersEngine:
                                   position_ids=positions)  # (B, V)
         batch.mask = mask
         batch.next_ids = self._sample(batch.rows, logits).unsqueeze(1)
+        for row in batch.rows:
+            if row.finish is None and row.request.cancel is not None and row.request.cancel.is_set():
+                row.finish = "cancelled"
         done = [i for i, r in enumerate(batch.rows) if r.finish is not None]
         for i in done:
             row = batch.rows[i]
@@ -255,7 +266,16 @@ class TransformersEngine:
         return tokens
 
     def _resolve_if_done(self, p: _Pending) -> None:
-        if all(r.finish is not None for r in p.rows) and not p.future.done():
+        if not all(r.finish is not None for r in p.rows) or p.future.done():
+            return
+        if any(r.finish == "cancelled" for r in p.rows):
+            self.cancelled_requests += 1
+            p.future.set_exception(EngineError("generation was cancelled: nobody waits for it any more"))
+        elif any(r.finish == "error" for r in p.rows):
+            p.future.set_exception(EngineError(
+                f"generation failed: the sampling distribution became non-finite (temperature "
+                f"{p.request.temperature}, repetition_penalty {p.request.repetition_penalty})"))
+        else:
             p.future.set_result([self._finish(r) for r in p.rows])
 
     def _row(self, p: _Pending, index: int, prompt: torch.Tensor) -> _Row:
@@ -272,6 +292,10 @@ class TransformersEngine:
             self._active = adapter
 
     def _append(self, row: _Row, token: int, logprob: float) -> None:
+        if not math.isfinite(logprob):  # this request's distribution broke: it fails alone (sampling.py)
+            for r in row.pending.rows:
+                r.finish = "error"
+            return
         row.tokens.append(token)
         row.logprobs.append(logprob)
         if token in self.eos_ids:
@@ -323,6 +347,15 @@ def _plain_head(model) -> bool:
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling") if getattr(text, k, None)]
     return not scaled and model.get_output_embeddings() is not None
+
+
+def split_rows(request: GenerateRequest, rows: int) -> list[GenerateRequest]:
+    """A request for `n` rows as requests of at most `rows` rows, each seeded where it would have been
+    (row j draws from seed + j), so memory stays within the batch cap and a seeded answer does not change."""
+    if request.n <= rows:
+        return [request]
+    return [replace(request, n=min(rows, request.n - start), seed=None if request.seed is None else request.seed + start)
+            for start in range(0, request.n, rows)]
 
 
 def _in_flight(batch: DecodeBatch) -> list[_Pending]:

@@ -13,8 +13,11 @@ Departures from Arbor:
    server's own chat template (the one that sampled), never re-rendered by another adapter.
 3. `pending_batch_ids` advertises `batches_per_step` ids at a time (default 1, as Arbor's
    clients expect one group per id); Espalier's own client sends groups without ids.
-4. The worker's death, a timeout or a trainer error is reported in `status` and as HTTP
-   500/409 with the message; Arbor waits forever.
+4. A trainer error or a timeout is reported in `status` and as HTTP 500/409 with the message;
+   Arbor waits forever. A worker that dies is restarted from the state saved after the last
+   step (`JobStore.state_dir`, written atomically by every step): between commands transparently,
+   during one with a retryable 503 naming the step it resumed from; after `MAX_RESTARTS` the
+   job fails.
 5. `num_training_gpus` is honoured (`training_placement`): 0 trains on the CPU, 1 on the
    planned CUDA device, N > 1 on N ranks of the planned devices (job_worker.py); a count the
    machine cannot give is a 400 naming the fix. A server started with `--train-processes N`
@@ -24,10 +27,15 @@ Departures from Arbor:
    compiled earlier keeps its adapter. `status()["checkpoints"]` has Arbor's records
    (`{name: {checkpoint_name, checkpoint_dir, global_step, metadata, timestamp, model}}`).
 7. `supersede` ends a job that a new `initialize` replaces (grpo_routes.py says why).
+8. What stays on disk is bounded (`job_store.py`): the latest exported adapter, the trainer
+   state of the last two steps, and the named checkpoints.
+9. `resume=(job_id, step)` goes on with an earlier job (same id, same checkpoint names) from
+   the trainer state saved after that step; a run resumed by `compile(..., resume=True)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import threading
@@ -38,11 +46,19 @@ from pathlib import Path
 from typing import Any
 
 from espalier.inference.chat import completion_ids, normalize_messages, prompt_ids
+from espalier.inference.job_store import JobStore
 from espalier.inference.job_worker import DEFAULT_FACTORY, worker_main
 from espalier.inference.serving import ServedModel
 from espalier.types import Group, Sample
 
 log = logging.getLogger(__name__)
+
+
+MAX_RESTARTS = 3  # trainer worker restarts per job
+
+
+class WorkerDied(RuntimeError):
+    """The trainer process ended while a command was in flight."""
 
 
 class JobError(RuntimeError):
@@ -64,6 +80,7 @@ class JobOptions:
     step_timeout: float = 3600.0
     factory: str = DEFAULT_FACTORY
     record_trained: bool = False
+    resume: tuple[str, int] | None = None  # (job_id, step): go on with that job from the state after that step
     processes: int = 1  # > 1: that many ranks (job_worker.py)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
 
@@ -109,6 +126,21 @@ def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
                   None if logprobs is None else tuple(float(x) for x in logprobs), truncated)
 
 
+def check_groups(groups: list[Group], vocab_size: int, max_model_len: int) -> None:
+    """A step's groups fit the served model: token ids in its vocabulary, sequences within its context."""
+    if not groups:
+        raise ValueError("a step needs at least one group")
+    for g in groups:
+        if not g.samples:
+            raise ValueError(f"group {g.key!r} has no samples")
+        for s in g.samples:
+            if max(max(s.prompt_ids), max(s.completion_ids)) >= vocab_size:
+                raise ValueError(f"group {g.key!r}: a token id is outside the model's vocabulary of {vocab_size}")
+            if len(s.prompt_ids) + len(s.completion_ids) > max_model_len:
+                raise ValueError(f"group {g.key!r}: a sample of {len(s.prompt_ids) + len(s.completion_ids)} tokens "
+                                 f"is longer than the model's context of {max_model_len}")
+
+
 def groups_from_batch(batch: list[Any], tokenizer) -> tuple[list[Group], list[int]]:
     """Arbor batch items (`{batch_id, group: [...]}`, a bare list of members, or one flat group)."""
     if not isinstance(batch, list) or not batch:
@@ -145,9 +177,47 @@ class GRPOJob:
     def __init__(self, served: ServedModel, options: JobOptions):
         self.served = served
         self.options = options
-        self.state = JobState(job_id=f"grpo-{uuid.uuid4().hex[:12]}")
+        job_id, resume_step = options.resume or (f"grpo-{uuid.uuid4().hex[:12]}", 0)
+        self.state = JobState(job_id=job_id)
+        self.store = JobStore(options.run_dir, job_id)
+        if resume_step and resume_step not in self.store.saved_steps():
+            raise JobError(f"cannot resume job {job_id} at step {resume_step}: no saved state under "
+                           f"{self.store.state_dir(resume_step)} (saved steps: {self.store.saved_steps()})", 409)
         self._next_batch_id = 0
         self._lock = threading.Lock()  # one command at a time on the pipe
+        self.restarts = 0
+        self._start_worker()
+        if options.resume:
+            self._resume(resume_step)
+        self.state.status = "running"
+        self._refill()
+
+    def _resume(self, step: int) -> None:
+        """Go on from the state saved after `step`, and serve the job's checkpoints again."""
+        self.state.steps = step
+        self.store.forget_after(step)
+        if step:
+            self._load_state()
+            self.served.publish(self.store.state_dir(step) / "adapter")
+        for name, record in self.store.read_checkpoints().items():
+            if Path(record["adapter_dir"]).is_dir():
+                self.served.add_checkpoint(f"{self.state.job_id}/{name}", Path(record["adapter_dir"]))
+                self.state.checkpoints[name] = record
+        log.info("resumed job %s at step %d with checkpoints %s", self.state.job_id, step, sorted(self.state.checkpoints))
+
+    # ---- the worker process --------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        """The worker loads the trainer's state after step `state.steps` (adapter, optimizer, scheduler, RNG)."""
+        try:
+            reply = self._exchange(("resume", str(self.store.state_dir(self.state.steps))), self.options.start_timeout,
+                                   "resume the trainer")
+        except WorkerDied as e:
+            self._fail(str(e))
+        self.state.optimizer_steps = reply["optimizer_steps"]
+
+    def _start_worker(self) -> None:
+        options = self.options
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
@@ -158,27 +228,49 @@ class GRPOJob:
         self._proc.start()
         child.close()
         try:
-            self._call(None, options.start_timeout, "start the trainer")
+            self._exchange(None, options.start_timeout, "start the trainer")
+        except WorkerDied as e:
+            self._fail(str(e))
         except JobError:
             self._proc.kill()
             raise
-        self.state.status = "running"
-        self._refill()
+
+    def _restart_worker(self, reason: str) -> None:
+        """A dead worker comes back with the state of the last step; after MAX_RESTARTS the job fails."""
+        if self.restarts >= MAX_RESTARTS:
+            self._fail(f"{reason}; it was restarted {self.restarts} times already, so the job is failed")
+        self.restarts += 1
+        log.warning("%s; restarting it (restart %d of %d) from step %d", reason, self.restarts, MAX_RESTARTS,
+                    self.state.steps)
+        self._proc.join(timeout=5)
+        self._start_worker()
+        if self.state.steps:
+            self._load_state()
 
     # ---- worker protocol ---------------------------------------------------------------
 
-    def _call(self, message: tuple | None, timeout: float, what: str) -> dict[str, Any]:
+    def _call(self, message: tuple, timeout: float, what: str) -> dict[str, Any]:
+        """Send a command and wait for its reply; a worker that died is restarted first (nothing was lost), and
+        one that dies during the command is restarted and the command fails with a retryable 503."""
         with self._lock:
-            return self._exchange(message, timeout, what)
+            self._check_usable()
+            if not self._proc.is_alive():
+                self._restart_worker(f"the trainer process had died (exit code {self._proc.exitcode})")
+            try:
+                return self._exchange(message, timeout, what)
+            except WorkerDied as e:
+                if self.state.status != "running":  # ended by supersede or cancel while the command ran
+                    raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error}", 409) from e
+                self._restart_worker(str(e))
+                raise JobError(f"{e}; it was restarted from step {self.state.steps}: retry the request", 503) from e
 
     def _exchange(self, message: tuple | None, timeout: float, what: str) -> dict[str, Any]:
         if message is not None:
-            self._check_usable()
             self._conn.send(message)
         deadline = time.monotonic() + timeout
         while not self._conn.poll(0.2):
             if not self._proc.is_alive() and not self._conn.poll(0):
-                self._fail(f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}")
+                raise WorkerDied(f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}")
             if time.monotonic() > deadline:
                 self._proc.kill()
                 self._fail(f"the trainer did not {what} within {timeout:.0f} s; it was stopped")
@@ -186,7 +278,8 @@ class GRPOJob:
             reply = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(timeout=5)
-            self._fail(f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}")
+            raise WorkerDied(
+                f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}") from None
         if reply[0] == "error":
             status = 400 if reply[1] == "config" else 500
             if status == 500:
@@ -202,8 +295,6 @@ class GRPOJob:
     def _check_usable(self) -> None:
         if self.state.status != "running":
             raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error or 'not running'}", 409)
-        if not self._proc.is_alive():
-            self._fail(f"the trainer process died (exit code {self._proc.exitcode})")
 
     def _refill(self) -> None:
         while len(self.state.pending_batch_ids) < self.options.batches_per_step:
@@ -214,19 +305,21 @@ class GRPOJob:
 
     @property
     def checkpoint_root(self) -> Path:
-        return self.options.run_dir / "checkpoints" / self.state.job_id
+        return self.store.checkpoint_root
 
     def step(self, groups: list[Group], batch_ids: list[int]) -> None:
         self._check_usable()
-        export = self.options.run_dir / "adapters" / self.state.job_id / f"step-{self.state.steps + 1:05d}"
-        record = self.options.run_dir / "trained" / f"step-{self.state.steps + 1:05d}.jsonl"
+        step = self.state.steps + 1
+        record = self.options.run_dir / "trained" / f"step-{step:05d}.jsonl"
         payload = [g.to_dict() for g in groups]
-        message = ("step", payload, str(export), str(record) if self.options.record_trained else None)
+        message = ("step", payload, str(self.store.export_dir(step)),
+                   str(record) if self.options.record_trained else None, str(self.store.state_dir(step)))
         result = self._call(message, self.options.step_timeout, "run a training step")
-        self.state.steps += 1
+        self.state.steps = step
         self.state.optimizer_steps = result["optimizer_steps"]
         self.state.last_metrics = result["metrics"]
         self.state.last_swap_ms = self.served.publish(Path(result["adapter"]))
+        self.store.after_step(step)
         log.info("step %d: %d groups, adapter swap %.1f ms", self.state.steps, len(groups), self.state.last_swap_ms)
         done = set(batch_ids) or set(self.state.pending_batch_ids[:1])
         self.state.pending_batch_ids = [b for b in self.state.pending_batch_ids if b not in done]
@@ -242,15 +335,15 @@ class GRPOJob:
                   "model": model}
         self.state.checkpoints[name] = record
         self.state.last_checkpoint = name
+        self.store.write_checkpoints(self.state.checkpoints)
         return record
 
     def terminate(self) -> None:
         """Stop the worker gracefully; the current policy stays served."""
         if self.state.status == "running":
-            try:
-                self._call(("stop",), 60, "stop")
-            except JobError:
-                pass
+            if self._proc.is_alive():
+                with contextlib.suppress(JobError):
+                    self._call(("stop",), 60, "stop")
             self.state.status = "terminated"
         self._reap()
 
@@ -262,7 +355,8 @@ class GRPOJob:
         if self._lock.acquire(blocking=False):  # idle: no step or checkpoint in flight
             self._lock.release()
             self.terminate()
-        else:  # a step is in flight for a client that may be gone: do not wait for it
+        else:  # a step is in flight for a client that may be gone: do not wait for it, nor restart its trainer
+            self.state.status, self.state.error = "terminated", reason
             self._proc.kill()
         self.state.status, self.state.error = "terminated", reason
         self._reap()
@@ -279,15 +373,12 @@ class GRPOJob:
             self._proc.join(timeout=10)
 
     def status(self) -> dict[str, Any]:
-        if self.state.status == "running" and not self._proc.is_alive():
-            self.state.status = "failed"
-            self.state.error = f"the trainer process died (exit code {self._proc.exitcode})"
         s = self.state
         return {
             "job_id": s.job_id, "status": s.status, "current_model": self.served.model_id,
             "checkpoints": {c: dict(r) for c, r in s.checkpoints.items()}, "last_checkpoint": s.last_checkpoint,
             "pending_batch_ids": list(s.pending_batch_ids) if s.status == "running" else [],
-            "error": s.error, "steps": s.steps, "optimizer_steps": s.optimizer_steps,
+            "error": s.error, "steps": s.steps, "optimizer_steps": s.optimizer_steps, "trainer_restarts": self.restarts,
             "last_swap_ms": s.last_swap_ms, "metrics": s.last_metrics,
             "checkpoint_models": {c: r["model"] for c, r in s.checkpoints.items()},
         }

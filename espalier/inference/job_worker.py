@@ -1,6 +1,7 @@
 """The trainer worker process of a GRPO job: owns the `GRPOTrainer`, obeys commands on a pipe.
 
-Messages in: `("step", [group dicts], export_dir, record_path | None)`, `("checkpoint", directory)`,
+Messages in: `("step", [group dicts], export_dir, record_path | None, state_dir | None)`,
+`("checkpoint", directory)`, `("resume", directory)` (a restarted worker loads the saved state),
 `("stop",)`. Messages out: `("ok", payload)` or
 `("error", kind, message)` where kind is "config" for a bad train_kwargs (-> HTTP 400) and
 "trainer" otherwise. The process exits on "stop" or when the pipe closes.
@@ -74,8 +75,13 @@ def _handle(trainer, message: tuple) -> Any:
         trainer.record_path = Path(message[3]) if len(message) > 3 and message[3] else None
         metrics = trainer.train_step(groups)
         adapter = trainer.export_adapter(Path(message[2]))
+        if len(message) > 4 and message[4]:
+            trainer.save_checkpoint(Path(message[4]))  # what a restarted worker resumes from (job.py)
         return {"metrics": [m.to_dict() for m in metrics], "adapter": str(adapter),
                 "optimizer_steps": int(trainer.optimizer_steps)}
+    if command == "resume":
+        trainer.load_checkpoint(Path(message[1]))
+        return {"optimizer_steps": int(trainer.optimizer_steps)}
     if command == "checkpoint":
         directory = Path(message[1])
         trainer.save_checkpoint(directory)
@@ -103,6 +109,7 @@ def _receive(conn) -> tuple | None:
 
 def worker_main(conn, factory: str, model_path: str, train_kwargs: dict[str, Any], device: str,
                 processes: int = 1, visible_devices: str | None = None) -> None:
+    _exit_with_parent()  # a killed server must not leave its trainer running (and writing adapters)
     if processes > 1:
         _launch_ranks(conn, factory, model_path, train_kwargs, processes, visible_devices)
         return
@@ -134,7 +141,8 @@ def _launch_ranks(conn, factory: str, model_path: str, train_kwargs: dict[str, A
 
 
 def _exit_with_parent() -> None:
-    """End this rank if the launcher dies, even while the main thread is blocked in a collective."""
+    """End this process if its parent (the server, or the ranks' launcher) dies, even while the main thread
+    is busy in a step or blocked in a collective."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -186,7 +194,7 @@ def _for_rank(message: tuple, rank: int) -> tuple:
     if rank == 0 or message[0] != "step" or len(message) < 4 or not message[3]:
         return message
     record = Path(message[3])
-    return (*message[:3], str(record.with_name(f"{record.stem}.rank{rank}{record.suffix}")))
+    return (*message[:3], str(record.with_name(f"{record.stem}.rank{rank}{record.suffix}")), *message[4:])
 
 
 def _rank_loop(conn, trainer, rank: int, device) -> None:

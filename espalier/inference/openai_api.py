@@ -16,10 +16,12 @@ Departures from OpenAI / Arbor:
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
 
+from espalier.inference.chat import check_text
 from espalier.inference.engine import GeneratedSequence, GenerateRequest
 
 
@@ -30,12 +32,19 @@ class BadRequest(ValueError):
         self.status = status
 
 
+INT64 = 2**63
+
+
 def _number(body: dict[str, Any], name: str, default: float | None, kind: type) -> Any:
+    """A finite number (an integer within int64 when `kind` is int); anything else is a 400 naming `name`."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and int(value) != value):
-        raise BadRequest(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be {what}, got {value!r}", name)
+    if kind is int and (int(value) != value or not -INT64 <= value < INT64):
+        raise BadRequest(f"{name} must be {what} within 64 bits, got {value!r}", name)
     return kind(value)
 
 
@@ -51,6 +60,10 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 MAX_TOP_LOGPROBS = 20
+# Sampling values whose fp32 arithmetic stays finite (logits / temperature, logits * penalty): a value
+# outside them would turn a row's probabilities into inf/nan.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
+MAX_PENALTY = 100.0
 
 # field -> (the value(s) that change nothing, what to do instead): anything else is a 400 naming the field.
 _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -86,6 +99,8 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
 
 def chat_top_logprobs(body: dict[str, Any]) -> int:
     """Chat's `top_logprobs` (needs `logprobs: true`, as OpenAI requires)."""
+    if body.get("logprobs") not in (None, True, False):
+        raise BadRequest(f"logprobs must be true or false, got {body['logprobs']!r}", "logprobs")
     k = _number(body, "top_logprobs", 0, int)
     if not 0 <= k <= MAX_TOP_LOGPROBS:
         raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}", "top_logprobs")
@@ -130,10 +145,12 @@ def sampling_request(
     penalty = _number(body, "repetition_penalty", 1.0, float)
     n = _number(body, "n", 1, int)
     checks = [
-        (temperature >= 0, "temperature", f"temperature must be >= 0, got {temperature}"),
+        (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE, "temperature",
+         f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {temperature}"),
         (0 < top_p <= 1, "top_p", f"top_p must be in (0, 1], got {top_p}"),
-        (top_k >= -1, "top_k", f"top_k must be -1 (off) or >= 0, got {top_k}"),
-        (penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0, got {penalty}"),
+        (-1 <= top_k < 2**31, "top_k", f"top_k must be -1 (off) or in [0, 2**31), got {top_k}"),
+        (1 / MAX_PENALTY <= penalty <= MAX_PENALTY, "repetition_penalty",
+         f"repetition_penalty must be in [{1 / MAX_PENALTY}, {MAX_PENALTY}] (1 = off), got {penalty}"),
         (1 <= n <= 128, "n", f"n must be between 1 and 128, got {n}"),
     ]
     for ok, param, message in checks:
@@ -160,7 +177,10 @@ def completion_prompt(body: dict[str, Any], tokenizer) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        return tokenizer.encode(prompt, add_special_tokens=False)
+        try:
+            return tokenizer.encode(check_text(prompt, "prompt"), add_special_tokens=False)
+        except ValueError as e:
+            raise BadRequest(str(e), "prompt") from e
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         vocab = len(tokenizer)
         if any(t < 0 or t >= vocab for t in prompt):

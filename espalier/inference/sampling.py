@@ -9,6 +9,8 @@ Departures from `transformers.generate`:
    settings share one forward pass.
 2. The returned log-probs are those of the distribution that sampled (vLLM's
    `processed_logprobs`); greedy rows report `log_softmax` of the penalised logits.
+3. A row whose distribution is not finite gets token 0 and a non-finite log-prob instead of
+   raising, so one broken row never fails the rows batched with it.
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ def _sample(
     truncating = bool(((top_k > 0) | (top_p < 1)).any())  # the sort over the vocabulary is the costly part
     masked = mask_top_k_top_p(scaled, top_k, top_p) if truncating else scaled
     logprobs = masked.log_softmax(dim=-1)  # (B, V)
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    finite = torch.isfinite(logprobs.amax(dim=-1)).tolist()  # a NaN anywhere in a row makes its max NaN
+    tokens = torch.zeros(len(params), dtype=torch.long, device=logits.device)
     for i, p in enumerate(params):
+        if not finite[i]:
+            continue  # its log-prob is not finite: the caller fails this row alone
         if p.temperature == 0:
             tokens[i] = masked[i].argmax()
         else:

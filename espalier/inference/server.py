@@ -11,7 +11,9 @@ Departures from Arbor:
 3. Every failure is a JSON error in OpenAI's shape: 400 for malformed JSON or impossible
    sampling values, 404 for an unknown model, 413 for an oversize body, 503 when the engine
    is down; every wait on the engine or trainer has a timeout.
-4. Repeated slashes in a path are one (`/v1//models` is `/v1/models`): `init()` returns
+4. A request whose client disconnects stops generating at the engine's next decode step
+   (transformers engine; vLLM's own server finishes it), so abandoned requests free their rows.
+5. Repeated slashes in a path are one (`/v1//models` is `/v1/models`): `init()` returns
    `.../v1/` as Arbor's does (its client joins routes with `urljoin`), and code that appends
    `/models` to it still works.
 """
@@ -19,12 +21,14 @@ Departures from Arbor:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +55,39 @@ class ServerSettings:
     train_processes: int = 0  # > 0: GRPO jobs train on this many CPU ranks (gloo); 0 = from num_training_gpus
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+BODY_READ_TIMEOUT = 30.0  # seconds a client may pause while sending its body
+DISCONNECT_POLL_S = 0.5  # how often a generating request checks that its client is still there
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read chunk by chunk: a 413 as soon as it passes `limit` (declared or not), a 408 on a stalled client."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise oa.BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}", None, 413)
-    body = await request.body()
-    if len(body) > limit:
-        raise oa.BadRequest(f"request body of {len(body)} bytes exceeds the limit of {limit}", None, 413)
+    chunks, size, stream = [], 0, request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), BODY_READ_TIMEOUT)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except TimeoutError as e:
+            raise oa.BadRequest(f"the body stalled for {BODY_READ_TIMEOUT:.0f} s; send it whole", None, 408) from e
+        size += len(chunk)
+        if size > limit:
+            raise oa.BadRequest(f"request body exceeds the limit of {limit} bytes", None, 413)
+        chunks.append(chunk)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    body = await read_body(request, limit)
     if not body.strip():
         return {}
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise oa.BadRequest(f"malformed JSON body: {e}") from e
+    except RecursionError as e:
+        raise oa.BadRequest("the JSON body is nested too deeply") from e
     if not isinstance(data, dict):
         raise oa.BadRequest("the JSON body must be an object")
     return data
@@ -74,7 +98,7 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 class CollapseSlashes:
-    """ASGI middleware: `//` in a request path is `/` (see departure 4)."""
+    """ASGI middleware: `//` in a request path is `/` (see departure 5)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -85,21 +109,30 @@ class CollapseSlashes:
         await self.app(scope, receive, send)
 
 
+class RequireKey:
+    """ASGI middleware: every route but `/health` needs `Authorization: Bearer <key>` (constant-time compare).
+    Plain ASGI, not `@app.middleware`, so a route still sees its client disconnect."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.expected is not None and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="espalier")
-    app.add_middleware(CollapseSlashes)
+    app.add_middleware(RequireKey, api_key=settings.api_key)
+    app.add_middleware(CollapseSlashes)  # added last, so it runs first: the key check sees the collapsed path
     app.state.served = served
     app.state.settings = settings
     app.state.job = None
     tokenizer = served.engine.tokenizer  # type: ignore[attr-defined]
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        return await call_next(request)
 
     @app.exception_handler(oa.BadRequest)
     async def bad_request(_: Request, e: oa.BadRequest):
@@ -131,14 +164,19 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
         data = [{"id": m, "object": "model", "owned_by": "espalier"} for m in served.model_names()]
         return {"object": "list", "data": data}
 
-    async def _generate(body: dict[str, Any], prompt: list[int], top_logprobs: int):
+    async def _generate(http: Request, body: dict[str, Any], prompt: list[int], top_logprobs: int):
         model = body.get("model")
         if not isinstance(model, str):
             raise oa.BadRequest("model must be a string", "model")
         adapter = served.resolve(model)
-        request = oa.sampling_request(body, prompt, adapter, served.engine.max_model_len, top_logprobs)
-        seqs = await run_in_threadpool(served.generate, request, settings.request_timeout)
-        return model, seqs
+        cancel = threading.Event()
+        request = replace(oa.sampling_request(body, prompt, adapter, served.engine.max_model_len, top_logprobs),
+                          cancel=cancel)
+        work = asyncio.ensure_future(run_in_threadpool(served.generate, request, settings.request_timeout))
+        while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
+            if await http.is_disconnected():  # nobody will read the answer: stop generating it
+                cancel.set()
+        return model, await work
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -148,14 +186,14 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
             prompt = prompt_ids(tokenizer, messages, bool(body.get("continue_final_message", False)))
         except ValueError as e:
             raise oa.BadRequest(str(e), "messages") from e
-        model, seqs = await _generate(body, prompt, oa.chat_top_logprobs(body))
+        model, seqs = await _generate(request, body, prompt, oa.chat_top_logprobs(body))
         return oa.chat_response(model, prompt, seqs, tokenizer, bool(body.get("logprobs")))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, settings.max_body_bytes)
         prompt = oa.completion_prompt(body, tokenizer)
-        model, seqs = await _generate(body, prompt, oa.completion_top_logprobs(body))
+        model, seqs = await _generate(request, body, prompt, oa.completion_top_logprobs(body))
         return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") not in (None, False))
 
     from espalier.inference.grpo_routes import add_grpo_routes

@@ -122,13 +122,27 @@ class ArborReinforceJob(ReinforceJob):
     def status(self) -> str | None:
         return self.get_status().get("status")
 
+    def resume(self, job_id: str, step: int) -> dict[str, Any]:
+        """Espalier's extension: go on with job `job_id` (same id, same checkpoints) from the trainer state the
+        server saved after GRPO step `step`; the server must use the same run directory as before."""
+        body = {"model": model_id(self.lm.model), "trainer_config": self.train_kwargs, "resume_job": job_id,
+                "resume_step": step}
+        status = self._post("initialize", body)
+        self.job_id = status["job_id"]
+        for name, record in status["checkpoints"].items():
+            self._remember(name, record, None)
+        return status
+
     def save_checkpoint(self, checkpoint_name: str, score: float | None = None) -> dict[str, Any]:
         status = self._post("checkpoint", self._body(checkpoint_name=checkpoint_name))
-        record = status["checkpoints"][checkpoint_name]  # Arbor's record, plus the name that serves it
-        self.checkpoints[checkpoint_name] = {**record, "path": record["checkpoint_dir"], "score": score,
-                                             "model": f"{PREFIX}{record['model']}"}
+        self._remember(checkpoint_name, status["checkpoints"][checkpoint_name], score)
         self.last_checkpoint = checkpoint_name
         return status
+
+    def _remember(self, name: str, record: dict[str, Any], score: float | None) -> None:
+        """Arbor's record, plus the name that serves it."""
+        self.checkpoints[name] = {**record, "path": record["checkpoint_dir"], "score": score,
+                                  "model": f"{PREFIX}{record['model']}"}
 
     def checkpoint_model(self, checkpoint_name: str) -> str:
         """The LM model name that serves a checkpoint this job saved (`<id>@<job_id>/<name>`), or `<id>@base`."""

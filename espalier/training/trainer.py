@@ -32,6 +32,8 @@ Departures from the paper / TRL / Arbor:
    stops and says so (`extra["max_steps_reached"]`, `extra["sequences_not_trained"]`).
 7. Sequences whose gradient is exactly zero (advantage 0 and beta 0, not bnpo) skip their
    forward and backward; their tokens still count in the normaliser, so the update is the same.
+8. A non-finite gradient norm skips that optimizer update (logged, `extra["skipped_nonfinite"]`),
+   so a NaN never reaches the weights; TRL applies it.
 """
 
 from __future__ import annotations
@@ -191,7 +193,11 @@ class GRPOTrainer:
         stats, ratio_dev = procs.sum_(stats), procs.sum_(ratio_dev)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
         learning_rate = self.scheduler.get_last_lr()[0]  # built by train_step
-        self.optimizer.step()
+        finite = bool(torch.isfinite(grad_norm))  # the same on every rank: the gradients were summed
+        if finite:
+            self.optimizer.step()
+        else:
+            log.warning("optimizer step %d: gradient norm %s; the update is skipped", self.optimizer_steps + 1, grad_norm.item())
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
@@ -222,6 +228,7 @@ class GRPOTrainer:
                 "mismatch_mean_abs_logprob": gap / max(sampled, 1.0),
                 "mismatch_share_over_0.1": far / max(sampled, 1.0),
                 "mismatch_tis_capped_share": capped / max(sampled, 1.0),
+                "skipped_nonfinite": float(not finite),
             },
         )
 

@@ -32,6 +32,10 @@ class FakeTrainer:
     def train_step(self, groups) -> list[StepMetrics]:
         if self.kwargs.get("die_at_step") == self.optimizer_steps + 1:
             os._exit(3)
+        once = self.kwargs.get("die_once_marker")
+        if once and not Path(once).exists():
+            Path(once).write_text("died")
+            os._exit(9)
         self.optimizer_steps += 1
         n = sum(len(g.samples) for g in groups)
         tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
@@ -50,3 +54,6 @@ class FakeTrainer:
     def save_checkpoint(self, directory: Path) -> None:
         self.export_adapter(Path(directory) / "adapter")
         (Path(directory) / "state.json").write_text(json.dumps({"optimizer_steps": self.optimizer_steps}))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        self.optimizer_steps = json.loads((Path(directory) / "state.json").read_text())["optimizer_steps"]

@@ -101,6 +101,37 @@ def test_n_samples_share_one_prefill_and_keep_their_own_seeds(engines):
     assert len({s.token_ids for s in out}) > 1
 
 
+def test_a_request_whose_distribution_breaks_fails_alone(engines):
+    """A temperature the server refuses (1e-45 overflows logits / T) sent straight to the engine: the
+    requests batched with it still get their answers."""
+    cached, plain = engines
+    ordinary = [greedy(p, 6) for p in prompts(4, seed=6)]
+    hostile = GenerateRequest(prompt_ids=(1000,), max_tokens=6, temperature=1e-45)
+
+    def run(request):
+        try:
+            return cached.generate(request, timeout=120)
+        except EngineError as e:
+            return e
+
+    with ThreadPoolExecutor(5) as pool:
+        got = list(pool.map(run, [*ordinary[:2], hostile, *ordinary[2:]]))
+    assert isinstance(got[2], EngineError) and "non-finite" in str(got[2])
+    assert_same([*got[:2], *got[3:]], one_at_a_time(plain, ordinary))
+
+
+def test_more_rows_than_the_batch_cap_are_served_in_parts_with_the_same_seeds(tiny_chat_dir):
+    engine = TransformersEngine(tiny_chat_dir, max_batch_rows=4, prefill_bf16=False, decode_bf16=False)
+    try:
+        request = GenerateRequest(prompt_ids=tuple(prompts(1, seed=8)[0]), max_tokens=5, temperature=1.0, n=10, seed=7)
+        rows = engine.generate(request, timeout=120)
+        assert len(rows) == 10
+        ninth = engine.generate(GenerateRequest(**{**request.__dict__, "n": 1, "seed": 7 + 9}), timeout=120)
+        assert rows[9].token_ids == ninth[0].token_ids  # row j draws from seed + j, wherever it was split
+    finally:
+        engine.close()
+
+
 def test_prefix_cache_lookup_eviction_and_adapters():
     cache = PrefixCache(max_bytes=2 * 4 * 10 * 4)  # room for two 10-token entries of 1 layer, (1, 1, L, 2) K and V
     kv = lambda n: [(torch.arange(2 * n, dtype=torch.float32).view(1, 1, n, 2),) * 2]  # noqa: E731

@@ -78,9 +78,26 @@ def test_job_lifecycle_publishes_adapters_and_checkpoints(served_app):
     assert greedy(url) != base  # the trained policy stays served
 
 
-def test_a_dead_trainer_is_reported_not_waited_for(served_app):
+def test_a_trainer_that_dies_mid_step_is_restarted_and_the_step_retried(served_app, tmp_path):
+    _, url = served_app
+    config = {"die_once_marker": str(tmp_path / "died")}
+    job_id = post(url, "initialize", {"model": MODEL_ID, "trainer_config": config}).json()["job_id"]
+    r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
+    assert r.status_code == 503 and "restarted from step 0: retry" in r.json()["error"]["message"]
+    status = post(url, "status", {"job_id": job_id}).json()
+    assert status["status"] == "running" and status["trainer_restarts"] == 1 and status["steps"] == 0
+    status = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]}).json()
+    assert status["steps"] == 1 and status["optimizer_steps"] == 1 and status["trainer_restarts"] == 1
+    post(url, "cancel", {})
+
+
+def test_a_trainer_that_keeps_dying_fails_the_job_after_its_restarts(served_app):
+    from espalier.inference.job import MAX_RESTARTS
+
     _, url = served_app
     job_id = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"die_at_step": 1}}).json()["job_id"]
+    for _ in range(MAX_RESTARTS):
+        assert post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]}).status_code == 503
     r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
     assert r.status_code == 500 and "trainer process died" in r.json()["error"]["message"]
     status = post(url, "status", {"job_id": job_id}).json()

@@ -92,12 +92,20 @@ def test_two_cpu_ranks_publish_the_adapter_one_process_trains(server):
 
 
 @pytest.mark.slow
-def test_a_dying_rank_fails_the_job(server):
+def test_a_dying_rank_is_restarted_then_fails_the_job(server):
+    """Rank 1 dies in every step: each death ends all ranks (no hang in a collective), the ranks are started
+    again with a retryable 503, and after MAX_RESTARTS the job fails."""
+    from espalier.inference.job import MAX_RESTARTS
+
     app, url, _ = server
     app.state.settings.train_processes = 2
     app.state.trainer_factory = f"{__name__}:DyingTrainer"
     try:
         job_id = post(url, "initialize", {"model": MODEL_ID}).json()["job_id"]
+        for restart in range(1, MAX_RESTARTS + 1):
+            r = post(url, "step", {"job_id": job_id, "groups": [g.to_dict() for g in GROUPS]})
+            assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
+            assert post(url, "status", {"job_id": job_id}).json()["trainer_restarts"] == restart
         r = post(url, "step", {"job_id": job_id, "groups": [g.to_dict() for g in GROUPS]})
         assert r.status_code == 500 and "trainer process died" in r.json()["error"]["message"]
         assert post(url, "status", {"job_id": job_id}).json()["status"] == "failed"

@@ -71,3 +71,24 @@ def test_sigterm_to_the_parent_stops_its_server(tiny_chat_dir, tmp_path):
         time.sleep(0.2)
     os.kill(server_pid, signal.SIGKILL)
     raise AssertionError("the server outlived its parent")
+
+
+def test_a_killed_server_takes_its_trainer_worker_with_it(tiny_chat_dir, tmp_path):
+    """kill -9 of the server while a GRPO job is running: its trainer worker exits within seconds."""
+    import os
+    import signal
+
+    import psutil
+
+    info = launch.init(model=str(tiny_chat_dir), engine="transformers", api_key="k", timeout=300, run_dir=tmp_path)
+    try:
+        r = httpx.post(info["base_url"] + "fine_tuning/grpo/initialize", json={"model": info["model"]},
+                       headers={"Authorization": "Bearer k"}, timeout=300)
+        assert r.status_code == 200, r.text
+        workers = psutil.Process(info["pid"]).children()
+        assert workers
+        os.kill(info["pid"], signal.SIGKILL)
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"{len(alive)} trainer process(es) outlived the server"
+    finally:
+        launch.shutdown()

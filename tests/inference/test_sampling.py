@@ -42,3 +42,15 @@ def test_seeded_rows_reproduce_whatever_they_are_batched_with():
                     [RowParams(1.0, 1.0, -1, 1.0, torch.Generator().manual_seed(s)) for s in (1, 2, 3)])[0]
     b = sample_rows(logits[1:2], [torch.tensor([0])], [RowParams(1.0, 1.0, -1, 1.0, torch.Generator().manual_seed(2))])[0]
     assert a[1] == b[0]
+
+
+def test_a_row_with_a_broken_distribution_does_not_stop_the_others():
+    """A decode step where one row's logits overflowed: it gets a non-finite log-prob, the others sample."""
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    logits[2] = float("inf")
+    params = [RowParams(1.0, 1.0, -1, 1.0, torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
+    tokens, logprobs = sample_rows(logits, [torch.tensor([0])] * 3, params)
+    alone = sample_rows(logits[:1], [torch.tensor([0])], [RowParams(1.0, 1.0, -1, 1.0, torch.Generator().manual_seed(1))])
+    assert tokens[0] == alone[0][0] and math.isfinite(logprobs[0])
+    assert not math.isfinite(logprobs[1]) and not math.isfinite(logprobs[2])

@@ -143,3 +143,19 @@ def test_failed_batch_fails_cleanly_and_a_stopped_engine_is_restarted(served_app
     r = chat(url)
     assert r.status_code == 200, r.text
     assert engine.alive()
+
+
+def test_a_request_whose_client_went_away_stops_generating(served_app):
+    served, url = served_app
+    before = served.engine.cancelled_requests
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 900, "n": 8, "temperature": 1.0}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes its connection
+        httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=1.0)
+    import time
+
+    deadline = time.monotonic() + 20
+    while served.engine.cancelled_requests == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert served.engine.cancelled_requests == before + 1
+    assert chat(url, temperature=0).status_code == 200  # and the engine serves the next one

@@ -59,7 +59,7 @@ def test_run_writes_the_report_and_what_eval_needs(one_step_run):
     best = summary["served_model"].split("@")[1]
     assert (manifest["version"], manifest["adapter"], manifest["data"], manifest["dev_size"]) == (1, "fieldwise",
                                                                                                   "synthetic", 2)
-    assert manifest["best_checkpoint"] == best
+    assert manifest["best_checkpoint"] == best and (best == "base" or best in manifest["checkpoints"])
     assert all((run_dir / path / "adapter_config.json").exists() for path in manifest["checkpoints"].values())
 
 
@@ -82,3 +82,17 @@ def test_bad_data_spec_is_a_clear_error(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode != 0
     assert "hotpotqa:" in done.stderr + done.stdout  # the error names the accepted forms
+
+
+def test_resume_goes_on_with_the_run_and_its_options(one_step_run):
+    """`--resume RUN_DIR` of a run whose steps are all done: the same options, the same job and best checkpoint,
+    no step trained again (kill -9 mid-run and resume: tests/test_resume.py)."""
+    done, run_dir = one_step_run
+    before = json.loads((run_dir / "summary.json").read_text())
+    cmd = [sys.executable, "-m", "espalier.cli", "run", "multihop", "--resume", str(run_dir)]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["options"] == {**before["options"], "resume": str(run_dir)}
+    assert after["served_model"] == before["served_model"]
+    assert "resuming" in again.stdout + again.stderr and after["validation"] == before["validation"]

@@ -101,6 +101,16 @@ def test_manifest_round_trip_and_its_checkpoints(tmp_path):
     (tmp_path / "server" / "checkpoints" / "step-5" / "adapter").mkdir(parents=True)
     saved = saved_checkpoints(tmp_path)
     assert list(saved) == ["step-5", "step-10"]  # in step order: the last is the latest
+    job = tmp_path / "other" / "server" / "checkpoints" / "grpo-1"
+    for name in ("step-10", "step-5", ".last"):
+        (job / name / "adapter").mkdir(parents=True)
+    assert saved_checkpoints(tmp_path / "other") == {  # a job's checkpoints, as the server names them
+        f"grpo-1/{n}": f"server/checkpoints/grpo-1/{n}/adapter" for n in ("step-5", "step-10")}
+    per_job = RunManifest(model="m", adapter="prefill", data="synthetic", corpus=None, seed=1, train_size=0,
+                          dev_size=40, num_docs=3, num_hops=2, max_tokens=64, val_temperature=0.0, engine="auto",
+                          num_inference_gpus=0, checkpoints=saved_checkpoints(tmp_path / "other"),
+                          best_checkpoint="grpo-1/step-10")  # fmt: skip
+    assert per_job.adapter_dir(tmp_path / "other", "step-5") == job / "step-5" / "adapter"  # the short name
     m = RunManifest(model="m", adapter="prefill", data="synthetic", corpus=None, seed=1, train_size=0, dev_size=40,
                     num_docs=3, num_hops=2, max_tokens=64, val_temperature=0.0, engine="auto", num_inference_gpus=0,
                     checkpoints=saved, best_checkpoint="step-10")  # fmt: skip

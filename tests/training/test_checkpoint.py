@@ -78,3 +78,22 @@ def test_exported_adapter_loads_with_peft_in_vllm_layout(tiny_llama_dir: Path, t
     ids = torch.tensor([[4, 5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+def test_replacing_a_directory_is_one_swap_and_a_failed_write_keeps_the_old_one(tmp_path: Path) -> None:
+    from espalier.training.checkpoint import _exchange, atomic_directory
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "f").write_text("a"), (b / "f").write_text("b")
+    if _exchange(a, b):  # Linux: renameat2(RENAME_EXCHANGE) swapped them in one step
+        assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"
+    target = tmp_path / "ckpt"
+    for version in ("1", "2"):
+        with atomic_directory(target) as tmp:
+            (tmp / "v").write_text(version)
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "v").write_text("3")
+        raise RuntimeError("killed mid-write")
+    assert (target / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "ckpt"]

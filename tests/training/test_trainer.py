@@ -231,3 +231,18 @@ def test_skipping_zero_advantage_sequences_changes_nothing_but_time(tiny_llama_d
         weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
     for name, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][name], rtol=0, atol=1e-6)
+
+
+def test_a_non_finite_gradient_never_reaches_the_weights(tiny_llama_dir: Path) -> None:
+    trainer = _trainer(tiny_llama_dir, per_device_train_batch_size=4)
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    hook = next(iter(lora.values())).register_hook(lambda g: g * float("nan"))
+    [metrics] = trainer.train_step(GROUPS)
+    assert metrics.extra["skipped_nonfinite"] == 1.0 and trainer.optimizer_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in lora.items())
+    hook.remove()
+    [metrics] = trainer.train_step(GROUPS)
+    assert metrics.extra["skipped_nonfinite"] == 0.0
+    assert all(torch.isfinite(p).all() for p in lora.values())
+    assert any(not torch.equal(p, before[n]) for n, p in lora.items())

@@ -31,6 +31,7 @@ from typing import Any
 import dspy
 
 logger = logging.getLogger("espalier")
+OPTIONS_FILE = "options.json"  # every option of the run, for --resume
 REPORT_EXAMPLES = 4  # dev examples shown before and after training in report.html
 
 
@@ -63,6 +64,7 @@ class RunOptions:
     num_inference_gpus: int = 0
     report_to: str = "none"
     run_dir: str | None = None
+    resume: str | None = None  # a killed run's directory: go on with it, with the options it was started with
     extra_train_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,8 +115,10 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
     from espalier.recipes.multihop.metric import first_search_recall
 
     start = time.time()
+    opts = resumed_options(opts) if opts.resume else opts
     run_dir = Path(opts.run_dir or Path("runs") / time.strftime("multihop-%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / OPTIONS_FILE).write_text(json.dumps(asdict(opts) | {"resume": None}, indent=2))
     logger.info("run directory: %s", run_dir)
 
     logger.info("loading data %r", opts.data)
@@ -174,7 +178,7 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
     report = _live_report(opts, run_dir, compiler, start, data.dev, program, lm, adapter, floor)
     compiler.on_validation = report.on_validation
     with dspy.context(adapter=adapter):
-        optimized = compiler.compile(student=program, trainset=data.train, valset=data.dev)
+        optimized = compiler.compile(student=program, trainset=data.train, valset=data.dev, resume=bool(opts.resume))
     optimized.save(str(run_dir / "program.json"))
     report.finish(optimized)
     summary = _summary(opts, compiler.history, run_dir, server, time.time() - start, optimized) | {
@@ -182,6 +186,16 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary
+
+
+def resumed_options(opts: RunOptions) -> RunOptions:
+    """The options a run directory was started with, to go on with it (`--resume RUN_DIR`)."""
+    path = Path(opts.resume) / OPTIONS_FILE
+    if not path.exists():
+        raise ValueError(f"--resume {opts.resume}: no {OPTIONS_FILE} there; give the directory of an earlier run")
+    saved = json.loads(path.read_text())
+    logger.info("resuming the run in %s with the options it was started with", opts.resume)
+    return RunOptions(**{**saved, "run_dir": str(Path(opts.resume)), "resume": opts.resume})
 
 
 def _live_report(opts: RunOptions, run_dir: Path, compiler, start: float, dev, program, lm, adapter, floor: float):

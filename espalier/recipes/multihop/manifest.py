@@ -56,6 +56,9 @@ class RunManifest:
         """The checkpoint's adapter directory; None for "base" (the model without an adapter)."""
         if checkpoint == "base":
             return None
+        short = [k for k in self.checkpoints if k.rsplit("/", 1)[-1] == checkpoint]  # "step-5" for "<job>/step-5"
+        if checkpoint not in self.checkpoints and len(short) == 1:
+            checkpoint = short[0]
         if checkpoint not in self.checkpoints:
             known = ", ".join(["base", *self.checkpoints]) or "none yet"
             raise ValueError(f"no checkpoint {checkpoint!r} in {run_dir}; known: {known}")
@@ -63,7 +66,12 @@ class RunManifest:
 
 
 def saved_checkpoints(run_dir: Path) -> dict[str, str]:
-    """Checkpoints the run's server saved (`server/checkpoints/<name>/adapter`), relative to the run directory."""
+    """Checkpoints the run's server saved, named as the server serves them: `<job_id>/<name>` for a job's
+    (`server/checkpoints/<job_id>/<name>/adapter`), `<name>` for the older flat layout; paths relative to the
+    run directory, in step order. Hidden directories (a job's `.last` state) are not checkpoints."""
     root = Path(run_dir) / "server" / "checkpoints"
-    found = sorted(root.glob("*/adapter"), key=lambda p: (len(p.parent.name), p.parent.name))
-    return {p.parent.name: str(p.relative_to(run_dir)) for p in found if p.is_dir()}
+    found = [p for p in (*root.glob("*/adapter"), *root.glob("*/*/adapter"))
+             if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    found.sort(key=lambda p: (p.parent.parent.stat().st_mtime if p.parent.parent != root else 0,
+                              len(p.parent.name), p.parent.name))
+    return {str(p.parent.relative_to(root)): str(p.relative_to(run_dir)) for p in found}

@@ -1,0 +1,100 @@
+"""One `ArborGRPO.compile` call's state, and how it is saved and restored for `compile(..., resume=True)`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from espalier.program.provider import GRPOJobError
+from espalier.resume import CompileState, rng_state, set_rng_state
+
+logger = logging.getLogger("espalier.grpo")
+
+
+@dataclass
+class Session:
+    """The state of one `compile` call."""
+
+    student: dspy.Module
+    lm: dspy.LM
+    trainset: list[dspy.Example]
+    valset: list[dspy.Example] | None
+    programs: list[dspy.Module]  # rollout copies: the student first, then teachers
+    predictors: list[str]
+    tracker: Any
+    job: Any  # the provider's ReinforceJob
+    last_validated: int = -1
+    failed_steps: int = 0  # consecutive steps whose runs failed (not the metric) so that no group trained
+    best_score: float = float("-inf")
+    best_step: int = -1
+    best_name: str | None = None
+    run_dir: Path = Path("runs")
+    steps_done: int = 0
+    order: list[int] = field(default_factory=list)  # the epoch's shuffled trainset indices (ArborGRPO._draw)
+    cursor: int = 0
+
+
+def terminate(job) -> None:
+    try:
+        job.terminate()
+    except Exception as e:  # noqa: BLE001 - the result is already computed; say why cleanup failed
+        logger.warning("could not terminate the GRPO job cleanly: %s", e)
+
+
+def step_with_retry(job, groups: list) -> dict[str, Any]:
+    """One GRPO step; a 503 (the server restarted a dead trainer from the last step) is retried once."""
+    try:
+        return job.step_groups(groups)
+    except GRPOJobError as e:
+        if e.status_code != 503:
+            raise
+        logger.warning("%s; retrying the step once", e)
+        return job.step_groups(groups)
+
+
+def saved_state(run_dir: str | Path | None, resume: bool) -> CompileState | None:
+    """The state a resumed compile goes on from; None for a new run."""
+    if not resume:
+        return None
+    if run_dir is None:
+        raise ValueError("compile(..., resume=True) needs ArborGRPO(run_dir=...): the directory of the run to go on with")
+    state = CompileState.read(Path(run_dir))
+    if state is None:
+        logger.warning("resume=True but %s holds no saved run: starting a new one", run_dir)
+    else:
+        logger.info("resuming %s after step %d (job %s)", run_dir, state.steps_done, state.job_id)
+    return state
+
+
+def start_job(lm: dspy.LM, train_kwargs: dict[str, Any], state: CompileState | None):
+    """A new GRPO job, or the saved run's job resumed at its last saved step."""
+    if state is None:
+        return lm.reinforce(train_kwargs=train_kwargs)
+    job = lm.provider.ReinforceJob(lm=lm, train_kwargs=train_kwargs)
+    if not hasattr(job, "resume"):
+        raise ValueError(f"{type(lm.provider).__name__} cannot resume a GRPO job: use espalier's ArborProvider")
+    job.resume(state.job_id, state.steps_done)
+    return job
+
+
+def save_state(run: Session, rng, history: list[dict[str, Any]]) -> None:
+    best = None if run.best_score == float("-inf") else run.best_score
+    CompileState(
+        job_id=run.job.job_id, steps_done=run.steps_done, last_validated=run.last_validated,
+        failed_steps=run.failed_steps, best_score=best, best_step=run.best_step, best_name=run.best_name,
+        rng=rng_state(rng), order=run.order, cursor=run.cursor, history=history,
+    ).write(run.run_dir)
+
+
+def restore(run: Session, state: CompileState, rng) -> list[dict[str, Any]]:
+    """Put the saved run's counters, best checkpoint and random state back; returns its history."""
+    run.steps_done, run.last_validated, run.failed_steps = state.steps_done, state.last_validated, state.failed_steps
+    run.best_score = float("-inf") if state.best_score is None else state.best_score
+    run.best_step, run.best_name = state.best_step, state.best_name
+    run.order, run.cursor = list(state.order), state.cursor
+    set_rng_state(rng, state.rng)
+    return list(state.history)

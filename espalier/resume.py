@@ -1,0 +1,69 @@
+"""The compiler's side of a resumable run: what `ArborGRPO.compile` saves after every step and validation.
+
+`run_dir/compile_state.json` holds the GRPO job's id, the steps done, the random state that
+draws and groups examples, the trainset cursor, the history and the best checkpoint so far.
+The server keeps the trainer's side (job_store.py). `compile(..., resume=True)` reads both
+and does exactly the steps that were left, on the examples an uninterrupted run would draw.
+
+Written atomically (temp file, fsync, rename), so a kill -9 at any moment leaves the state of
+the last finished step or validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "compile_state.json"
+VERSION = 1
+
+
+@dataclass
+class CompileState:
+    job_id: str
+    steps_done: int
+    last_validated: int
+    failed_steps: int
+    best_score: float | None  # None: no validation yet
+    best_step: int
+    best_name: str | None
+    rng: list[Any]  # random.Random.getstate(), as JSON
+    order: list[int]  # the epoch's shuffled trainset indices, and the next one to draw
+    cursor: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    version: int = VERSION
+
+    def write(self, run_dir: Path) -> None:
+        path = Path(run_dir) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read(run_dir: Path) -> CompileState | None:
+        path = Path(run_dir) / STATE_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("version") != VERSION:
+            raise ValueError(f"{path} was written by another version of Espalier (version {data.get('version')}); "
+                             "start a new run directory")
+        return CompileState(**data)
+
+
+def rng_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list[Any]) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
