@@ -97,7 +97,13 @@ class TrainConfig:
     @classmethod
     def from_kwargs(cls, train_kwargs: dict[str, Any] | None) -> TrainConfig:
         """Validate `train_kwargs` (the recipe's dict) and build the config; `ValueError` names the fix."""
-        kwargs = dict(train_kwargs or {})
+        try:
+            return cls._from_kwargs(dict(train_kwargs or {}))
+        except OverflowError as e:  # an integer too large for a float (JSON allows any number of digits)
+            raise ValueError(f"train_kwargs: a number is too large ({e})") from e
+
+    @classmethod
+    def _from_kwargs(cls, kwargs: dict[str, Any]) -> TrainConfig:
         unknown = sorted(set(kwargs) - set(cls.known_keys()))
         if unknown:
             raise ValueError(f"unknown train_kwargs key(s) {unknown}; known keys are: {', '.join(cls.known_keys())}")

@@ -32,7 +32,16 @@ from typing import Any
 import dspy
 
 from espalier.grpo_config import CompileConfig, resolve_sampling
-from espalier.grpo_session import Session, restore, save_state, saved_state, start_job, step_with_retry, terminate
+from espalier.grpo_session import (
+    Session,
+    checkpoint_with_retry,
+    restore,
+    save_state,
+    saved_state,
+    start_job,
+    step_with_retry,
+    terminate,
+)
 from espalier.program.provider import GRPOJobError
 from espalier.program.served import model_variant, served_copy, single_lm, teachers_of
 from espalier.rollout.grouping import build_groups
@@ -223,7 +232,8 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         )
         if self.on_groups:
             self.on_groups(groups)
-        train = step_with_retry(run.job, groups) if groups else {"metrics": [], "optimizer_steps": 0}
+        train = step_with_retry(run.job, groups, run.server_steps) if groups else {"metrics": [], "optimizer_steps": 0}
+        run.server_steps = train.get("steps", run.server_steps)
         t2 = time.perf_counter()
         metrics = step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
         self.history.append({"kind": "step", "step": step + 1, "timestamp": time.time(), **metrics})
@@ -307,7 +317,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             return
         name = "base" if step == 0 else f"step-{step}"
         if step > 0:
-            run.job.save_checkpoint(name)
+            checkpoint_with_retry(run.job, name)
         run.best_score, run.best_step, run.best_name = score, step, name
         logger.info("new best validation score %.3f at step %d (checkpoint %s)", score, step, name)
 

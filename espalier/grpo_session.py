@@ -33,7 +33,8 @@ class Session:
     best_step: int = -1
     best_name: str | None = None
     run_dir: Path = Path("runs")
-    steps_done: int = 0
+    steps_done: int = 0  # GRPO steps of this compile, including steps with no group to train
+    server_steps: int = 0  # steps the server trained (a step with no group sends nothing): what a resume asks for
     order: list[int] = field(default_factory=list)  # the epoch's shuffled trainset indices (ArborGRPO._draw)
     cursor: int = 0
 
@@ -45,15 +46,31 @@ def terminate(job) -> None:
         logger.warning("could not terminate the GRPO job cleanly: %s", e)
 
 
-def step_with_retry(job, groups: list) -> dict[str, Any]:
-    """One GRPO step; a 503 (the server restarted a dead trainer from the last step) is retried once."""
+def step_with_retry(job, groups: list, steps_before: int) -> dict[str, Any]:
+    """One GRPO step; after a 503 (the server restarted a dead trainer from the last step) it is sent once more,
+    unless the server's step count says it was trained after all (a 503 from publishing the new policy)."""
     try:
         return job.step_groups(groups)
     except GRPOJobError as e:
         if e.status_code != 503:
             raise
+        status = job.get_status()
+        if status.get("steps", steps_before) > steps_before:
+            logger.warning("%s; the server trained the step nonetheless", e)
+            return status
         logger.warning("%s; retrying the step once", e)
         return job.step_groups(groups)
+
+
+def checkpoint_with_retry(job, name: str) -> None:
+    """Save a checkpoint; a 503 (a restarted trainer) is retried once (saving it again is harmless)."""
+    try:
+        job.save_checkpoint(name)
+    except GRPOJobError as e:
+        if e.status_code != 503:
+            raise
+        logger.warning("%s; saving checkpoint %s again", e, name)
+        job.save_checkpoint(name)
 
 
 def saved_state(run_dir: str | Path | None, resume: bool) -> CompileState | None:
@@ -77,14 +94,15 @@ def start_job(lm: dspy.LM, train_kwargs: dict[str, Any], state: CompileState | N
     job = lm.provider.ReinforceJob(lm=lm, train_kwargs=train_kwargs)
     if not hasattr(job, "resume"):
         raise ValueError(f"{type(lm.provider).__name__} cannot resume a GRPO job: use espalier's ArborProvider")
-    job.resume(state.job_id, state.steps_done)
+    job.resume(state.job_id, state.server_steps)
     return job
 
 
 def save_state(run: Session, rng, history: list[dict[str, Any]]) -> None:
     best = None if run.best_score == float("-inf") else run.best_score
     CompileState(
-        job_id=run.job.job_id, steps_done=run.steps_done, last_validated=run.last_validated,
+        job_id=run.job.job_id, steps_done=run.steps_done, server_steps=run.server_steps,
+        last_validated=run.last_validated,
         failed_steps=run.failed_steps, best_score=best, best_step=run.best_step, best_name=run.best_name,
         rng=rng_state(rng), order=run.order, cursor=run.cursor, history=history,
     ).write(run.run_dir)
@@ -93,6 +111,7 @@ def save_state(run: Session, rng, history: list[dict[str, Any]]) -> None:
 def restore(run: Session, state: CompileState, rng) -> list[dict[str, Any]]:
     """Put the saved run's counters, best checkpoint and random state back; returns its history."""
     run.steps_done, run.last_validated, run.failed_steps = state.steps_done, state.last_validated, state.failed_steps
+    run.server_steps = state.server_steps
     run.best_score = float("-inf") if state.best_score is None else state.best_score
     run.best_step, run.best_name = state.best_step, state.best_name
     run.order, run.cursor = list(state.order), state.cursor

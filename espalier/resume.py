@@ -26,6 +26,7 @@ VERSION = 1
 class CompileState:
     job_id: str
     steps_done: int
+    server_steps: int  # steps the server trained (fewer when a step had no group): the state to resume
     last_validated: int
     failed_steps: int
     best_score: float | None  # None: no validation yet

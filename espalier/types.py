@@ -65,10 +65,20 @@ class Sample:
             raise ValueError(
                 f"logprobs has {len(self.logprobs)} entries for {len(self.completion_ids)} completion tokens"
             )
-        if self.logprobs is not None and not all(math.isfinite(x) and x <= 1e-3 for x in self.logprobs):
+        if self.logprobs is not None and not all(_is_finite(x) and x <= 1e-3 for x in self.logprobs):
             raise ValueError("logprobs must be finite log-probabilities (<= 0); a sampled token has a finite one")
-        if not math.isfinite(self.reward):
+        if not _is_finite(self.reward):
             raise ValueError(f"reward must be a finite number, got {self.reward}")
+
+
+def _is_finite(x: Any) -> bool:
+    """A finite number (a huge JSON integer overflows `math.isfinite`: not finite either)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -117,4 +127,13 @@ class StepMetrics:
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-safe: a non-finite value (a skipped NaN update's loss or gradient norm) is None."""
+        return {k: _finite_or_none(v) for k, v in asdict(self).items()}
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -30,6 +30,7 @@ import re
 from typing import Any
 
 from fastapi import FastAPI, Request
+from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
@@ -41,6 +42,7 @@ from espalier.inference.job import (
     groups_from_batch,
     training_placement,
 )
+from espalier.inference.job_store import JobStore
 from espalier.inference.serving import UnknownModel, strip_prefix
 from espalier.types import Group
 
@@ -75,7 +77,7 @@ def _check_config(kwargs: dict[str, Any]) -> None:
 
     try:
         TrainConfig.from_kwargs(kwargs)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise JobError(str(e), 400) from e
 
 
@@ -84,6 +86,8 @@ def _job(request: Request, body: dict[str, Any]) -> GRPOJob:
     if job is None:
         raise JobError("no GRPO job: call /v1/fine_tuning/grpo/initialize first", 404)
     given = body.get("job_id")
+    if given is not None and not isinstance(given, str):
+        raise oa.BadRequest(f"job_id must be a string, got {given!r}"[:200], "job_id")
     replaced_by = request.app.state.replaced.get(given)
     if replaced_by is not None:
         raise JobError(f"job {given} was ended because a new initialize started job {replaced_by}", 409)
@@ -102,6 +106,16 @@ def _batches_per_step(body: dict[str, Any]) -> int:
     return value
 
 
+def _vocab_size(tokenizer, model_path) -> int:
+    """Token ids the model can emit: its embedding rows (often more than the tokenizer's entries)."""
+    rows = 0
+    if model_path is not None:
+        from transformers import AutoConfig
+
+        rows = getattr(AutoConfig.from_pretrained(model_path), "vocab_size", 0) or 0
+    return max(len(tokenizer), rows)
+
+
 def _resume(body: dict[str, Any]) -> tuple[str, int] | None:
     """Espalier's extension: `resume_job` and `resume_step` go on with an earlier job of this run directory."""
     job, step = body.get("resume_job"), body.get("resume_step", 0)
@@ -114,7 +128,7 @@ def _resume(body: dict[str, Any]) -> tuple[str, int] | None:
     return job, step
 
 
-def _groups(body: dict[str, Any], tokenizer, max_model_len: int) -> tuple[list[Group], list[int]]:
+def _groups(body: dict[str, Any], tokenizer, vocab_size: int, max_model_len: int) -> tuple[list[Group], list[int]]:
     """The step's groups (Espalier's `groups` or an Arbor `batch`), checked against the served model."""
     try:
         if body.get("groups") is not None:
@@ -123,9 +137,9 @@ def _groups(body: dict[str, Any], tokenizer, max_model_len: int) -> tuple[list[G
             groups, ids = [Group.from_dict(g) for g in body["groups"]], []
         else:
             groups, ids = groups_from_batch(body.get("batch"), tokenizer)
-        check_groups(groups, len(tokenizer), max_model_len)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise oa.BadRequest(f"bad GRPO batch: {e}", "batch") from e
+        check_groups(groups, vocab_size, max_model_len)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, TemplateError) as e:
+        raise oa.BadRequest(f"bad GRPO batch: {e}"[:2000], "batch") from e
     if not ids and isinstance(body.get("batch_id"), int):
         ids = [body["batch_id"]]  # Arbor's client: one group of members, its batch id beside it
     return groups, ids
@@ -137,6 +151,7 @@ def add_grpo_routes(app: FastAPI) -> None:
     served, settings = app.state.served, app.state.settings
     limit = settings.max_body_bytes
     app.state.replaced = {}  # job_id -> the job_id of the job whose initialize ended it
+    vocab = _vocab_size(served.engine.tokenizer, settings.model_path)
 
     @app.exception_handler(JobError)
     async def job_error(_: Request, e: JobError):
@@ -156,6 +171,9 @@ def add_grpo_routes(app: FastAPI) -> None:
             raise UnknownModel(f"this server trains {served.model_id!r}, not {model!r}")
         kwargs, batches, resume = _train_kwargs(body), _batches_per_step(body), _resume(body)
         device, processes, visible = training_placement(kwargs, settings.train_processes)
+        if resume is not None and resume[1] and resume[1] not in JobStore(settings.run_dir, resume[0]).saved_steps():
+            raise JobError(f"cannot resume job {resume[0]} at step {resume[1]}: this server's run directory "
+                           f"{settings.run_dir} holds no state saved after that step", 409)  # before ending a job
         factory = getattr(app.state, "trainer_factory", None) or JobOptions.factory
         if factory == JobOptions.factory:  # another factory (a stand-in trainer) checks its own config
             _check_config(kwargs)
@@ -188,7 +206,7 @@ def add_grpo_routes(app: FastAPI) -> None:
     async def step(request: Request):
         body = await read_json(request, limit)
         job = _job(request, body)
-        groups, ids = _groups(body, served.engine.tokenizer, served.engine.max_model_len)
+        groups, ids = _groups(body, served.engine.tokenizer, vocab, served.engine.max_model_len)
         await run_in_threadpool(job.step, groups, ids)
         return job.status()
 

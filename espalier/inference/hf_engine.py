@@ -182,8 +182,10 @@ class TransformersEngine:
             if batch and (p.request.adapter != batch.adapter or len(batch) + p.request.n > self.max_batch_rows):
                 return
             waiting.popleft()
-            if p.request.cancel is not None and p.request.cancel.is_set():
-                p.future.cancel()
+            if p.request.cancel is not None and p.request.cancel.is_set() and not p.future.done():
+                self.cancelled_requests += 1
+                p.future.set_exception(EngineError("generation was cancelled before it started"))
+                continue
             if not p.future.set_running_or_notify_cancel():
                 continue
             batch.adapter = p.request.adapter

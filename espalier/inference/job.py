@@ -212,8 +212,9 @@ class GRPOJob:
         try:
             reply = self._exchange(("resume", str(self.store.state_dir(self.state.steps))), self.options.start_timeout,
                                    "resume the trainer")
-        except WorkerDied as e:
-            self._fail(str(e))
+        except (WorkerDied, JobError) as e:  # a worker without the state must not train on
+            self._proc.kill()
+            self._fail(f"could not resume the trainer at step {self.state.steps}: {e}")
         self.state.optimizer_steps = reply["optimizer_steps"]
 
     def _start_worker(self) -> None:
@@ -266,7 +267,11 @@ class GRPOJob:
 
     def _exchange(self, message: tuple | None, timeout: float, what: str) -> dict[str, Any]:
         if message is not None:
-            self._conn.send(message)
+            try:
+                self._conn.send(message)
+            except OSError as e:  # BrokenPipeError, ConnectionResetError: it died before reading
+                raise WorkerDied(f"the trainer process died (exit code {self._proc.exitcode}) before it could "
+                                 f"{what}") from e
         deadline = time.monotonic() + timeout
         while not self._conn.poll(0.2):
             if not self._proc.is_alive() and not self._conn.poll(0):
@@ -288,6 +293,8 @@ class GRPOJob:
         return reply[1]
 
     def _fail(self, message: str) -> None:
+        if self.state.status in ("cancelled", "terminated"):  # ended on purpose while this command ran
+            raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error or message}", 409)
         self.state.status, self.state.error = "failed", message
         log.error(message)
         raise JobError(message, 500)
@@ -315,6 +322,7 @@ class GRPOJob:
         message = ("step", payload, str(self.store.export_dir(step)),
                    str(record) if self.options.record_trained else None, str(self.store.state_dir(step)))
         result = self._call(message, self.options.step_timeout, "run a training step")
+        self._check_usable()  # superseded or cancelled while it trained: publish nothing
         self.state.steps = step
         self.state.optimizer_steps = result["optimizer_steps"]
         self.state.last_metrics = result["metrics"]
@@ -333,17 +341,18 @@ class GRPOJob:
         record = {"checkpoint_name": name, "checkpoint_dir": result["checkpoint"], "adapter_dir": result["adapter"],
                   "global_step": self.state.optimizer_steps, "metadata": metadata, "timestamp": time.time(),
                   "model": model}
-        self.state.checkpoints[name] = record
-        self.state.last_checkpoint = name
-        self.store.write_checkpoints(self.state.checkpoints)
+        with self._lock:  # one writer of the records at a time
+            self.state.checkpoints[name] = record
+            self.state.last_checkpoint = name
+            self.store.write_checkpoints(dict(self.state.checkpoints))
         return record
 
     def terminate(self) -> None:
         """Stop the worker gracefully; the current policy stays served."""
         if self.state.status == "running":
             if self._proc.is_alive():
-                with contextlib.suppress(JobError):
-                    self._call(("stop",), 60, "stop")
+                with self._lock, contextlib.suppress(JobError, WorkerDied):  # no restart just to stop it
+                    self._exchange(("stop",), 60, "stop")
             self.state.status = "terminated"
         self._reap()
 

@@ -3,9 +3,10 @@
     run_dir/adapters/<job_id>/step-N/          the adapter published after step N (only the latest is kept)
     run_dir/checkpoints/<job_id>/<name>/       named checkpoints (adapter + trainer state), kept
     run_dir/checkpoints/<job_id>/.state/step-N the trainer's state after step N (the latest two are kept)
-    run_dir/checkpoints/<job_id>/job.json      the checkpoint records, so a resumed job serves them again
+    run_dir/checkpoints/<job_id>/.job.json     the checkpoint records, so a resumed job serves them again
+    (hidden names cannot clash with checkpoint names, which never start with '.')
 
-Every directory is written atomically (`training/checkpoint.py`) and `job.json` by an fsync'd
+Every directory is written atomically (`training/checkpoint.py`) and `.job.json` by an fsync'd
 rename, so a crash at any moment leaves either the old or the new copy.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,15 +60,15 @@ class JobStore:
             shutil.rmtree(partial, ignore_errors=True)
 
     def write_checkpoints(self, records: dict[str, dict[str, Any]]) -> None:
-        path = self.checkpoint_root / "job.json"
+        path = self.checkpoint_root / ".job.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".job.json.{os.getpid()}")
-        with open(tmp, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix=".job.json.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
             json.dump({"job_id": self.job_id, "checkpoints": records}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def read_checkpoints(self) -> dict[str, dict[str, Any]]:
-        path = self.checkpoint_root / "job.json"
+        path = self.checkpoint_root / ".job.json"
         return json.loads(path.read_text())["checkpoints"] if path.exists() else {}

@@ -41,10 +41,12 @@ def _number(body: dict[str, Any], name: str, default: float | None, kind: type) 
     if value is None:
         return default
     what = "an integer" if kind is int else "a number"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"{name} must be {what}, got {value!r}", name)
-    if kind is int and (int(value) != value or not -INT64 <= value < INT64):
-        raise BadRequest(f"{name} must be {what} within 64 bits, got {value!r}", name)
+    if isinstance(value, int) and not -INT64 <= value < INT64:  # before isfinite, which overflows on huge ints
+        raise BadRequest(f"{name} must be {what} within 64 bits, got {value!r}"[:300], name)
+    if not math.isfinite(value) or (kind is int and (int(value) != value or not -INT64 <= value < INT64)):
+        raise BadRequest(f"{name} must be a finite {what.split()[-1]} within 64 bits, got {value!r}", name)
     return kind(value)
 
 

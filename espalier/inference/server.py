@@ -34,6 +34,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
@@ -184,8 +185,8 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
         try:
             messages = normalize_messages(body.get("messages"))
             prompt = prompt_ids(tokenizer, messages, bool(body.get("continue_final_message", False)))
-        except ValueError as e:
-            raise oa.BadRequest(str(e), "messages") from e
+        except (ValueError, TemplateError) as e:  # the model's chat template refuses these messages
+            raise oa.BadRequest(f"{type(e).__name__}: {e}", "messages") from e
         model, seqs = await _generate(request, body, prompt, oa.chat_top_logprobs(body))
         return oa.chat_response(model, prompt, seqs, tokenizer, bool(body.get("logprobs")))
 

@@ -16,6 +16,7 @@ from serving_fixtures import API_KEY, MODEL_ID, start_server, stop_server
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 GRPO = "/v1/fine_tuning/grpo"
+HUGE = "1" + "0" * 400  # a JSON integer no float holds
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 COMPLETION = {"model": MODEL_ID, "prompt": [1000], "max_tokens": 4}
 
@@ -46,6 +47,7 @@ SAMPLING = [
     ("seed", str(2**70)), ("seed", str(-(2**70))), ("max_tokens", "1e999"),
     ("max_tokens", "-Infinity"), ("n", "NaN"), ("n", "1e300"), ("logprobs", "NaN"),
     ("stop", "[1, 2]"), ("stop", '["x", null]'), ("model", "7"), ("max_tokens", '"4"'),
+    ("n", HUGE), ("temperature", HUGE), ("seed", HUGE), ("max_tokens", "-" + HUGE),
 ]
 
 
@@ -140,6 +142,10 @@ BAD_INITIALIZE = [
     {"model": MODEL_ID, "batches_per_step": 2_000_000},
     {"model": MODEL_ID, "batches_per_step": "x"},
     {"model": 7},
+    json.dumps({"model": MODEL_ID, "trainer_config": {"learning_rate": 0}}).replace("0}", HUGE + "}"),
+    json.dumps({"model": MODEL_ID, "trainer_config": {"num_training_gpus": 0}}).replace("0}", HUGE + "}"),
+    {"model": MODEL_ID, "resume_job": "not-a-job"},
+    {"model": MODEL_ID, "resume_job": "grpo-0123456789ab", "resume_step": -1},
 ]
 
 BAD_STEPS = [
@@ -164,6 +170,11 @@ BAD_STEPS = [
     {"batch": [[{"messages": [{"role": "user", "content": "hi"}], "completion": "yes"}]]},
     {"batch": [{"batch_id": "x", "group": [sample(), sample(0.0)]}]},
     {"batch": 5},
+    '{"groups": [{"samples": [{"prompt_ids": [1], "completion_ids": [2], "reward": HUGE}]}]}'.replace("HUGE", HUGE),
+    '{"groups": [{"samples": [{"prompt_ids": [1], "completion_ids": [2], "reward": 1, "logprobs": [-HUGE]}]}]}'.replace(
+        "HUGE", HUGE),
+    '{"batch": [{"batch_id": Infinity, "group": [{"prompt_ids": [1], "completion_ids": [2], "reward": 1}]}]}',
+    {"job_id": [], "groups": [{"samples": [sample(), sample(0.0)]}]},
 ]
 
 BAD_CHECKPOINT_NAMES = ["", "a\x00b", "x" * 300, ".hidden", "base", "a/b", "a@b", 7, None]
@@ -176,6 +187,9 @@ def test_grpo_routes_refuse_bad_input_and_lose_nothing(server):
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:300])
     job = grpo(server, "initialize", {"model": MODEL_ID})
     assert job.status_code == 200, job.text
+    r = grpo(server, "initialize", {"model": MODEL_ID, "resume_job": job.json()["job_id"], "resume_step": 99})
+    assert r.status_code == 409 and "no state saved" in r.text  # refused before the running job is touched
+    assert grpo(server, "status", {}).json()["job_id"] == job.json()["job_id"]
     before = greedy(server)
     for body in BAD_STEPS:
         r = grpo(server, "step", body)

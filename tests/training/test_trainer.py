@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,7 @@ def test_a_non_finite_gradient_never_reaches_the_weights(tiny_llama_dir: Path) -
     hook = next(iter(lora.values())).register_hook(lambda g: g * float("nan"))
     [metrics] = trainer.train_step(GROUPS)
     assert metrics.extra["skipped_nonfinite"] == 1.0 and trainer.optimizer_steps == 1
+    assert json.loads(json.dumps(metrics.to_dict(), allow_nan=False))["grad_norm"] is None  # what the server sends
     assert all(torch.equal(p, before[n]) for n, p in lora.items())
     hook.remove()
     [metrics] = trainer.train_step(GROUPS)

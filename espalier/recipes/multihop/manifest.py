@@ -68,7 +68,7 @@ class RunManifest:
 def saved_checkpoints(run_dir: Path) -> dict[str, str]:
     """Checkpoints the run's server saved, named as the server serves them: `<job_id>/<name>` for a job's
     (`server/checkpoints/<job_id>/<name>/adapter`), `<name>` for the older flat layout; paths relative to the
-    run directory, in step order. Hidden directories (a job's `.last` state) are not checkpoints."""
+    run directory, in step order. Hidden directories (a job's `.state`) are not checkpoints."""
     root = Path(run_dir) / "server" / "checkpoints"
     found = [p for p in (*root.glob("*/adapter"), *root.glob("*/*/adapter"))
              if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
