@@ -6,11 +6,13 @@ description (cores, accelerator, library versions) travels with every result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,3 +148,17 @@ def describe(m: dict[str, Any]) -> str:
         f"accelerator {m['accelerator']}; torch {v['torch']}, vllm {v['vllm']}, transformers {v['transformers']}, "
         f"trl {v['trl']}, peft {v['peft']}, dspy {v['dspy']}"
     )
+
+
+@contextlib.contextmanager
+def standalone_server(model: str) -> Iterator[dict[str, Any]]:
+    """A real server (transformers engine) in a temporary run directory, for the standalone scripts:
+    `espalier.init`'s answer, shut down on exit."""
+    from espalier.inference import launch
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        info = launch.init(model=model, engine="transformers", run_dir=run_dir, timeout=900)
+        try:
+            yield info
+        finally:
+            launch.shutdown()

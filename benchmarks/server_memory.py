@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import standalone_server
 from benchmarks.memory import peak_rss_mb
 
 WORDS = ("river castle engine garden silver harbor planet window violin marble forest rocket lantern meadow "
@@ -43,30 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=50)
     args = p.parse_args(argv)
 
-    import tempfile
-
-    from espalier.inference import launch
-
     rng = random.Random(0)
-    with tempfile.TemporaryDirectory() as run_dir:
-        info = launch.init(model=args.model, engine="transformers", run_dir=run_dir, timeout=900)
-        try:
-            pid, url = info["pid"], info["base_url"] + "chat/completions"
-            print(f"start: rss {rss_mb(pid):.0f} MiB, peak {peak_rss_mb(pid):.0f} MiB", flush=True)
+    with standalone_server(args.model) as info:
+        pid, url = info["pid"], info["base_url"] + "chat/completions"
+        print(f"start: rss {rss_mb(pid):.0f} MiB, peak {peak_rss_mb(pid):.0f} MiB", flush=True)
 
-            def one(text: str) -> int:
-                body = {"model": info["model"], "messages": [{"role": "user", "content": text}], "max_tokens": 8}
-                return httpx.post(url, json=body, headers={"Authorization": f"Bearer {info['api_key']}"},
-                                  timeout=600).status_code
+        def one(text: str) -> int:
+            body = {"model": info["model"], "messages": [{"role": "user", "content": text}], "max_tokens": 8}
+            return httpx.post(url, json=body, headers={"Authorization": f"Bearer {info['api_key']}"},
+                              timeout=600).status_code
 
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                for done in range(0, args.requests, args.every):
-                    codes = list(pool.map(one, [prompt(rng, args.words) for _ in range(args.every)]))
-                    bad = sum(c != 200 for c in codes)
-                    print(f"{done + args.every} requests: rss {rss_mb(pid):.0f} MiB, peak {peak_rss_mb(pid):.0f} MiB,"
-                          f" non-200 {bad}", flush=True)
-        finally:
-            launch.shutdown()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            for done in range(0, args.requests, args.every):
+                codes = list(pool.map(one, [prompt(rng, args.words) for _ in range(args.every)]))
+                bad = sum(c != 200 for c in codes)
+                print(f"{done + args.every} requests: rss {rss_mb(pid):.0f} MiB, peak {peak_rss_mb(pid):.0f} MiB,"
+                      f" non-200 {bad}", flush=True)
 
 
 if __name__ == "__main__":
