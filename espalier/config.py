@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from espalier.types import is_finite_number
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 SchedulerType = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 ScaleRewards = Literal["group", "batch", "none"]
@@ -137,7 +139,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type in ("float", "float | None") and not (value is None and f.type == "float | None"):
-                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                if not is_finite_number(value):
                     raise ValueError(f"train_kwargs[{f.name!r}] = {value!r} must be a finite number")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"train_kwargs[{f.name!r}] = {value!r} must be true or false")
@@ -277,7 +279,7 @@ def _lora_config(value: Any) -> dict[str, Any]:
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_LORA_RANK:
         raise ValueError(f"lora_config['r'] = {r!r} must be an integer in [1, {MAX_LORA_RANK}]")
     alpha, dropout = merged["lora_alpha"], merged["lora_dropout"]
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+    if not is_finite_number(alpha):
         raise ValueError(f"lora_config['lora_alpha'] = {alpha!r} must be a finite number")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise ValueError(f"lora_config['lora_dropout'] = {dropout!r} must be in [0, 1)")

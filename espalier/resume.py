@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,7 @@ class CompileState:
     version: int = VERSION
 
     def write(self, run_dir: Path) -> None:
-        path = Path(run_dir) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomically(Path(run_dir) / STATE_FILE, asdict(self))
 
     @staticmethod
     def read(run_dir: Path) -> CompileState | None:
@@ -58,6 +52,19 @@ class CompileState:
             raise ValueError(f"{path} was written by another version of Espalier (version {data.get('version')}); "
                              "start a new run directory")
         return CompileState(**data)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write JSON to a hidden temp file beside `path`, fsync it, rename it over `path`: a reader (or a process
+    killed mid-write) sees the old file or the new one, never half of one. Used by both sides of a resumable
+    run (this compiler state and the server's `job_store.py`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def rng_state(rng: random.Random) -> list[Any]:

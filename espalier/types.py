@@ -65,13 +65,13 @@ class Sample:
             raise ValueError(
                 f"logprobs has {len(self.logprobs)} entries for {len(self.completion_ids)} completion tokens"
             )
-        if self.logprobs is not None and not all(_is_finite(x) and x <= 1e-3 for x in self.logprobs):
+        if self.logprobs is not None and not all(is_finite_number(x) and x <= 1e-3 for x in self.logprobs):
             raise ValueError("logprobs must be finite log-probabilities (<= 0); a sampled token has a finite one")
-        if not _is_finite(self.reward):
+        if not is_finite_number(self.reward):
             raise ValueError(f"reward must be a finite number, got {self.reward}")
 
 
-def _is_finite(x: Any) -> bool:
+def is_finite_number(x: Any) -> bool:
     """A finite number (a huge JSON integer overflows `math.isfinite`: not finite either)."""
     if isinstance(x, bool) or not isinstance(x, int | float):
         return False

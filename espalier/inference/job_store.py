@@ -13,12 +13,12 @@ rename, so a crash at any moment leaves either the old or the new copy.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from espalier.resume import write_json_atomically
 
 KEPT_STATES = 2  # the step just trained and the one before: a client that crashed before recording the
 # latest step resumes from the one before it
@@ -60,14 +60,7 @@ class JobStore:
             shutil.rmtree(partial, ignore_errors=True)
 
     def write_checkpoints(self, records: dict[str, dict[str, Any]]) -> None:
-        path = self.checkpoint_root / ".job.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".job.json.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job_id": self.job_id, "checkpoints": records}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomically(self.checkpoint_root / ".job.json", {"job_id": self.job_id, "checkpoints": records})
 
     def read_checkpoints(self) -> dict[str, dict[str, Any]]:
         path = self.checkpoint_root / ".job.json"
