@@ -43,6 +43,7 @@ from espalier.inference.job import (
     training_placement,
 )
 from espalier.inference.job_store import JobStore
+from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.serving import UnknownModel, strip_prefix
 from espalier.types import Group
 
@@ -174,8 +175,7 @@ def add_grpo_routes(app: FastAPI) -> None:
         if resume is not None and resume[1] and resume[1] not in JobStore(settings.run_dir, resume[0]).saved_steps():
             raise JobError(f"cannot resume job {resume[0]} at step {resume[1]}: this server's run directory "
                            f"{settings.run_dir} holds no state saved after that step", 409)  # before ending a job
-        factory = getattr(app.state, "trainer_factory", None) or JobOptions.factory
-        if factory == JobOptions.factory:  # another factory (a stand-in trainer) checks its own config
+        if settings.trainer_factory == DEFAULT_FACTORY:  # another factory (a stand-in trainer) checks its own config
             _check_config(kwargs)
         current: GRPOJob | None = app.state.job
         superseded = current is not None and current.state.status in ("running", "initializing")
@@ -184,7 +184,8 @@ def add_grpo_routes(app: FastAPI) -> None:
         options = JobOptions(
             model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
             device=device, batches_per_step=batches,
-            step_timeout=settings.request_timeout * 6, factory=factory, record_trained=settings.record_trained,
+            step_timeout=settings.request_timeout * 6, factory=settings.trainer_factory,
+            record_trained=settings.record_trained,
             processes=processes, visible_devices=visible, resume=resume,
         )
         job = await run_in_threadpool(GRPOJob, served, options)

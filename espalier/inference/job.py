@@ -2,8 +2,10 @@
 
 A step converts the posted batch into `espalier.types.Group`s, has the worker run
 `GRPOTrainer.train_step` on all of them, exports the new adapter and loads it into the engine
-as the current policy, timing the swap. Every wait on the worker has a timeout, and a dead
-worker turns the job's status to "failed" with the reason instead of hanging.
+as the current policy, timing the swap. The job and its worker speak in the typed messages of
+`worker_protocol.py` (a `StepCommand` is answered by `StepDone`, ...). Every wait on the worker
+has a timeout, and a dead worker turns the job's status to "failed" with the reason instead of
+hanging.
 
 Departures from Arbor:
 1. `step` trains on every group it is given, synchronously, and returns when the new policy
@@ -43,18 +45,35 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from espalier.inference.chat import completion_ids, normalize_messages, prompt_ids
 from espalier.inference.job_store import JobStore
 from espalier.inference.job_worker import DEFAULT_FACTORY, worker_main
 from espalier.inference.serving import ServedModel
+from espalier.inference.worker_protocol import (
+    CheckpointCommand,
+    CheckpointSaved,
+    Command,
+    Ready,
+    ResumeCommand,
+    Resumed,
+    StepCommand,
+    StepDone,
+    StopCommand,
+    Stopped,
+    WorkerError,
+    WorkerSpec,
+    receive_reply,
+    send,
+)
 from espalier.types import Group, Sample
 
 log = logging.getLogger(__name__)
 
 
 MAX_RESTARTS = 3  # trainer worker restarts per job
+R = TypeVar("R")
 
 
 class WorkerDied(RuntimeError):
@@ -78,8 +97,8 @@ class JobOptions:
     batches_per_step: int = 1
     start_timeout: float = 900.0
     step_timeout: float = 3600.0
-    factory: str = DEFAULT_FACTORY
-    record_trained: bool = False
+    factory: str = DEFAULT_FACTORY  # "module:callable" that builds the trainer in the worker
+    record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/step-N.jsonl
     resume: tuple[str, int] | None = None  # (job_id, step): go on with that job from the state after that step
     processes: int = 1  # > 1: that many ranks (job_worker.py)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
@@ -210,26 +229,27 @@ class GRPOJob:
     def _load_state(self) -> None:
         """The worker loads the trainer's state after step `state.steps` (adapter, optimizer, scheduler, RNG)."""
         try:
-            reply = self._exchange(("resume", str(self.store.state_dir(self.state.steps))), self.options.start_timeout,
-                                   "resume the trainer")
+            reply = self._exchange(ResumeCommand(self.store.state_dir(self.state.steps)), self.options.start_timeout,
+                                   "resume the trainer", Resumed)
         except (WorkerDied, JobError) as e:  # a worker without the state must not train on
             self._proc.kill()
             self._fail(f"could not resume the trainer at step {self.state.steps}: {e}")
-        self.state.optimizer_steps = reply["optimizer_steps"]
+        self.state.optimizer_steps = reply.optimizer_steps
+
+    def _worker_spec(self) -> WorkerSpec:
+        o = self.options
+        return WorkerSpec(o.factory, o.model_path, o.train_kwargs, o.device, o.processes, o.visible_devices,
+                          o.run_dir / "trained" if o.record_trained else None)
 
     def _start_worker(self) -> None:
-        options = self.options
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=worker_main, name="espalier-trainer", daemon=True,
-            args=(child, options.factory, str(options.model_path), options.train_kwargs, options.device,
-                  options.processes, options.visible_devices),
-        )
+        self._proc = ctx.Process(target=worker_main, name="espalier-trainer", daemon=True,
+                                 args=(child, self._worker_spec()))
         self._proc.start()
         child.close()
         try:
-            self._exchange(None, options.start_timeout, "start the trainer")
+            self._exchange(None, self.options.start_timeout, "start the trainer", Ready)
         except WorkerDied as e:
             self._fail(str(e))
         except JobError:
@@ -250,7 +270,7 @@ class GRPOJob:
 
     # ---- worker protocol ---------------------------------------------------------------
 
-    def _call(self, message: tuple, timeout: float, what: str) -> dict[str, Any]:
+    def _call(self, command: Command, timeout: float, what: str, expect: type[R]) -> R:
         """Send a command and wait for its reply; a worker that died is restarted first (nothing was lost), and
         one that dies during the command is restarted and the command fails with a retryable 503."""
         with self._lock:
@@ -258,17 +278,18 @@ class GRPOJob:
             if not self._proc.is_alive():
                 self._restart_worker(f"the trainer process had died (exit code {self._proc.exitcode})")
             try:
-                return self._exchange(message, timeout, what)
+                return self._exchange(command, timeout, what, expect)
             except WorkerDied as e:
                 if self.state.status != "running":  # ended by supersede or cancel while the command ran
                     raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error}", 409) from e
                 self._restart_worker(str(e))
                 raise JobError(f"{e}; it was restarted from step {self.state.steps}: retry the request", 503) from e
 
-    def _exchange(self, message: tuple | None, timeout: float, what: str) -> dict[str, Any]:
-        if message is not None:
+    def _exchange(self, command: Command | None, timeout: float, what: str, expect: type[R]) -> R:
+        """Send `command` (None: only wait, for the worker's `Ready`) and return its reply, of type `expect`."""
+        if command is not None:
             try:
-                self._conn.send(message)
+                send(self._conn, command)
             except OSError as e:  # BrokenPipeError, ConnectionResetError: it died before reading
                 raise WorkerDied(f"the trainer process died (exit code {self._proc.exitcode}) before it could "
                                  f"{what}") from e
@@ -280,17 +301,19 @@ class GRPOJob:
                 self._proc.kill()
                 self._fail(f"the trainer did not {what} within {timeout:.0f} s; it was stopped")
         try:
-            reply = self._conn.recv()
+            reply = receive_reply(self._conn)
         except (EOFError, OSError):
             self._proc.join(timeout=5)
             raise WorkerDied(
                 f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}") from None
-        if reply[0] == "error":
-            status = 400 if reply[1] == "config" else 500
+        if isinstance(reply, WorkerError):
+            status = 400 if reply.kind == "config" else 500
             if status == 500:
-                self.state.error = reply[2]
-            raise JobError(f"could not {what}: {reply[2]}", status)
-        return reply[1]
+                self.state.error = reply.message
+            raise JobError(f"could not {what}: {reply.message}", status)
+        if not isinstance(reply, expect):
+            raise TypeError(f"the trainer answered {type(reply).__name__} where it owed {expect.__name__}")
+        return reply
 
     def _fail(self, message: str) -> None:
         if self.state.status in ("cancelled", "terminated"):  # ended on purpose while this command ran
@@ -317,16 +340,13 @@ class GRPOJob:
     def step(self, groups: list[Group], batch_ids: list[int]) -> None:
         self._check_usable()
         step = self.state.steps + 1
-        record = self.options.run_dir / "trained" / f"step-{step:05d}.jsonl"
-        payload = [g.to_dict() for g in groups]
-        message = ("step", payload, str(self.store.export_dir(step)),
-                   str(record) if self.options.record_trained else None, str(self.store.state_dir(step)))
-        result = self._call(message, self.options.step_timeout, "run a training step")
+        command = StepCommand(step, tuple(groups), self.store.export_dir(step), self.store.state_dir(step))
+        result = self._call(command, self.options.step_timeout, "run a training step", StepDone)
         self._check_usable()  # superseded or cancelled while it trained: publish nothing
         self.state.steps = step
-        self.state.optimizer_steps = result["optimizer_steps"]
-        self.state.last_metrics = result["metrics"]
-        self.state.last_swap_ms = self.served.publish(Path(result["adapter"]))
+        self.state.optimizer_steps = result.optimizer_steps
+        self.state.last_metrics = [m.to_dict() for m in result.metrics]
+        self.state.last_swap_ms = self.served.publish(result.adapter)
         self.store.after_step(step)
         log.info("step %d: %d groups, adapter swap %.1f ms", self.state.steps, len(groups), self.state.last_swap_ms)
         done = set(batch_ids) or set(self.state.pending_batch_ids[:1])
@@ -336,9 +356,10 @@ class GRPOJob:
     def checkpoint(self, name: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Save, and serve as `<model>@<job_id>/<name>`; returns the checkpoint's record (Arbor's shape + `model`)."""
         directory = self.checkpoint_root / name
-        result = self._call(("checkpoint", str(directory)), self.options.step_timeout, f"save checkpoint {name!r}")
-        model = self.served.add_checkpoint(f"{self.state.job_id}/{name}", Path(result["adapter"]))
-        record = {"checkpoint_name": name, "checkpoint_dir": result["checkpoint"], "adapter_dir": result["adapter"],
+        result = self._call(CheckpointCommand(directory), self.options.step_timeout, f"save checkpoint {name!r}",
+                            CheckpointSaved)
+        model = self.served.add_checkpoint(f"{self.state.job_id}/{name}", result.adapter)
+        record = {"checkpoint_name": name, "checkpoint_dir": str(result.checkpoint), "adapter_dir": str(result.adapter),
                   "global_step": self.state.optimizer_steps, "metadata": metadata, "timestamp": time.time(),
                   "model": model}
         with self._lock:  # one writer of the records at a time
@@ -352,7 +373,7 @@ class GRPOJob:
         if self.state.status == "running":
             if self._proc.is_alive():
                 with self._lock, contextlib.suppress(JobError, WorkerDied):  # no restart just to stop it
-                    self._exchange(("stop",), 60, "stop")
+                    self._exchange(StopCommand(), 60, "stop", Stopped)
             self.state.status = "terminated"
         self._reap()
 

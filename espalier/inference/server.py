@@ -40,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from espalier.inference import openai_api as oa
 from espalier.inference.chat import normalize_messages, prompt_ids
 from espalier.inference.engine import EngineError, EngineUnavailable
+from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.serving import ServedModel, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ServerSettings:
     model_path: Path | None = None
     record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/*.jsonl
     train_processes: int = 0  # > 0: GRPO jobs train on this many CPU ranks (gloo); 0 = from num_training_gpus
+    trainer_factory: str = DEFAULT_FACTORY  # "module:callable" the GRPO worker builds its trainer with (tests: a fake)
 
 
 BODY_READ_TIMEOUT = 30.0  # seconds a client may pause while sending its body

@@ -67,6 +67,7 @@ from espalier.training.losses import (
     token_loss,
 )
 from espalier.training.optim import build_optimizer, build_scheduler, schedule_length
+from espalier.training.record import OnFed
 from espalier.types import Group, StepMetrics
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -83,8 +84,14 @@ class Micro:
 
 class GRPOTrainer:
     def __init__(
-        self, model_path: Path | str, config: TrainConfig, device: str = "cpu", processes: Processes | None = None
+        self,
+        model_path: Path | str,
+        config: TrainConfig,
+        device: str = "cpu",
+        processes: Processes | None = None,
+        on_fed: OnFed | None = None,
     ) -> None:
+        """`on_fed`, when given, is called with the rows of every sequence fed or skipped (record.py)."""
         self.config = config
         self.device = torch.device(device)
         self.processes = processes or SingleProcess()
@@ -105,7 +112,7 @@ class GRPOTrainer:
         self.schedule_total: int | None = config.max_steps
         self.reduce = REDUCTIONS[config.loss_type]
         self.optimizer_steps = 0
-        self.record_path: Path | None = None  # when set, every fed sequence is appended here (JSONL)
+        self.on_fed = on_fed
         self.skip_zero_advantage = True  # see _needs_compute
 
     # ---- the step -------------------------------------------------------------------------
@@ -244,16 +251,13 @@ class GRPOTrainer:
         return not self.skip_zero_advantage or sequence.advantage != 0.0 or cfg.beta > 0 or cfg.loss_type == "bnpo"
 
     def _record_skipped(self, sequences: list[TrainSequence], skipped: list[int]) -> None:
-        if self.record_path is not None and skipped:
+        if self.on_fed is not None and skipped:
             self._record(collate([sequences[i] for i in skipped], skipped, self.pad_id), computed=False)
 
     def _record(self, mb: MicroBatch, computed: bool = True) -> None:
-        if self.record_path is None:
-            return
-        self.record_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.record_path, "a") as f:
-            for row in fed_rows(mb):
-                f.write(json.dumps({"optimizer_step": self.optimizer_steps + 1, "computed": computed, **row}) + "\n")
+        if self.on_fed is not None:
+            step = self.optimizer_steps + 1
+            self.on_fed([{"optimizer_step": step, "computed": computed, **row} for row in fed_rows(mb)])
 
     @property
     def _tis_cap(self) -> float | None:

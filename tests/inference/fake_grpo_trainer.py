@@ -17,7 +17,8 @@ from espalier.types import StepMetrics
 
 
 class FakeTrainer:
-    def __init__(self, model_path: Path, train_kwargs: dict[str, Any], device: str) -> None:
+    def __init__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes=None,
+                 on_fed=None) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 

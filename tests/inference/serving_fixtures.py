@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from espalier.inference.hf_engine import TransformersEngine
+from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.server import ServerSettings, create_app
 from espalier.inference.serving import ServedModel
 from espalier.inference.vllm_engine import free_port
@@ -68,14 +69,14 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def start_server(model_dir: Path, run_dir: Path, trainer_factory: str | None) -> tuple[ServedModel, ServerThread]:
-    """A server with the transformers engine and API key `test-key`; `trainer_factory` None = the real trainer."""
+def start_server(model_dir: Path, run_dir: Path,
+                 trainer_factory: str = DEFAULT_FACTORY) -> tuple[ServedModel, ServerThread]:
+    """A server with the transformers engine and API key `test-key`, training with `trainer_factory`'s trainer."""
     engine = TransformersEngine(model_dir)
     served = ServedModel(engine, MODEL_ID, aliases=(str(model_dir),))
     settings = ServerSettings(api_key=API_KEY, max_body_bytes=200_000, request_timeout=300, run_dir=run_dir,
-                              model_path=model_dir)
+                              model_path=model_dir, trainer_factory=trainer_factory)
     app = create_app(served, settings)
-    app.state.trainer_factory = trainer_factory
     return served, ServerThread(app)
 
 

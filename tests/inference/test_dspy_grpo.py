@@ -21,7 +21,7 @@ TRAIN_KWARGS = {
 def test_dspy_grpo_runs_two_steps(tiny_chat_dir, tmp_path):
     from dspy.teleprompt.grpo import GRPO
 
-    served, server = start_server(tiny_chat_dir, tmp_path / "run", None)
+    served, server = start_server(tiny_chat_dir, tmp_path / "run")
     try:
         lm = dspy.LM(f"openai/arbor:{MODEL_ID}", provider=ArborProvider(), api_base=f"{server.url}/v1",
                      api_key=API_KEY, temperature=1.0, max_tokens=16, cache=False)
@@ -48,7 +48,7 @@ def test_dspy_grpo_groups_stay_per_invocation_when_the_first_parse_fails(tiny_ch
 
     from dspy.teleprompt.grpo import GRPO
 
-    served, server = start_server(tiny_chat_dir, tmp_path / "run", None)
+    served, server = start_server(tiny_chat_dir, tmp_path / "run")
     server.server.config.app.state.settings.record_trained = True
     try:
         lm = dspy.LM(f"openai/arbor:{MODEL_ID}", provider=ArborProvider(), api_base=f"{server.url}/v1/",

@@ -23,7 +23,7 @@ COMPLETION = {"model": MODEL_ID, "prompt": [1000], "max_tokens": 4}
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir, tmp_path_factory) -> Iterator[str]:
-    served, thread = start_server(tiny_chat_dir, tmp_path_factory.mktemp("fuzz"), None)
+    served, thread = start_server(tiny_chat_dir, tmp_path_factory.mktemp("fuzz"))
     yield thread.url
     stop_server(served, thread)
 

@@ -35,7 +35,7 @@ GROUPS = [
 class DyingTrainer:
     """Rank 1 dies in its first step; loaded by name in the ranks, so it must stay module-level."""
 
-    def __init__(self, model_path: Path, train_kwargs: dict, device: str, processes=None) -> None:
+    def __init__(self, model_path: Path, train_kwargs: dict, device: str, processes=None, on_fed=None) -> None:
         self.rank = 0 if processes is None else processes.rank
 
     def train_step(self, groups):
@@ -56,7 +56,7 @@ def server(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     from serving_fixtures import start_server, stop_server
 
     run_dir = tmp_path_factory.mktemp("run")
-    served, thread = start_server(tiny_chat_dir, run_dir, None)
+    served, thread = start_server(tiny_chat_dir, run_dir)
     yield thread.server.config.app, thread.url, run_dir
     stop_server(served, thread)
 
@@ -96,10 +96,11 @@ def test_a_dying_rank_is_restarted_then_fails_the_job(server):
     """Rank 1 dies in every step: each death ends all ranks (no hang in a collective), the ranks are started
     again with a retryable 503, and after MAX_RESTARTS the job fails."""
     from espalier.inference.job import MAX_RESTARTS
+    from espalier.inference.job_worker import DEFAULT_FACTORY
 
     app, url, _ = server
     app.state.settings.train_processes = 2
-    app.state.trainer_factory = f"{__name__}:DyingTrainer"
+    app.state.settings.trainer_factory = f"{__name__}:DyingTrainer"
     try:
         job_id = post(url, "initialize", {"model": MODEL_ID}).json()["job_id"]
         for restart in range(1, MAX_RESTARTS + 1):
@@ -110,7 +111,7 @@ def test_a_dying_rank_is_restarted_then_fails_the_job(server):
         assert r.status_code == 500 and "trainer process died" in r.json()["error"]["message"]
         assert post(url, "status", {"job_id": job_id}).json()["status"] == "failed"
     finally:
-        app.state.trainer_factory = None
+        app.state.settings.trainer_factory = DEFAULT_FACTORY
         app.state.settings.train_processes = 0
 
 

@@ -18,7 +18,7 @@ LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir, tmp_path_factory):
-    served, thread = start_server(tiny_chat_dir, tmp_path_factory.mktemp("recovery"), None)
+    served, thread = start_server(tiny_chat_dir, tmp_path_factory.mktemp("recovery"))
     yield thread.url
     stop_server(served, thread)
 

@@ -1,0 +1,147 @@
+"""The messages between a GRPO job (server process) and its trainer worker process, and how they travel.
+
+    job.GRPOJob ──Command──▶ job_worker (rank 0) ──Command or Heartbeat──▶ ranks 1..N-1 (broadcast)
+                ◀──Reply───
+
+The worker is started with a `WorkerSpec`; it answers `Ready` (or a `WorkerError`), then each
+command with its reply: `StepCommand` -> `StepDone`, `ResumeCommand` -> `Resumed`,
+`CheckpointCommand` -> `CheckpointSaved`, `StopCommand` -> `Stopped`; any of them may instead be
+answered by a `WorkerError`. Messages are pickled frozen dataclasses; `send`, `receive_command`
+and `receive_reply` are the only code that puts them on or takes them off the pipe, and a
+receiver refuses anything but the messages it expects.
+
+Departures from Arbor:
+1. Typed messages over a multiprocessing pipe, checked on arrival, instead of dicts of a
+   loosely agreed shape over ZMQ sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Literal
+
+from espalier.types import Group, StepMetrics
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a trainer worker process is started with."""
+
+    factory: str  # "module:callable" that builds the trainer (job_worker.build_trainer, or a test's stand-in)
+    model_path: Path
+    train_kwargs: dict[str, Any]
+    device: str = "cpu"
+    processes: int = 1  # > 1: that many ranks (job_worker.py)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
+    record_dir: Path | None = None  # every fed sequence is appended under it (training/record.py); None: not recorded
+
+
+# ---- commands: job -> worker -> ranks -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepCommand:
+    """Train on every sample of `groups`, export the adapter to `export_dir`, save the state to `state_dir`."""
+
+    step: int  # the job's step number (1-based): names the file the fed sequences are recorded to
+    groups: tuple[Group, ...]
+    export_dir: Path
+    state_dir: Path  # what a restarted worker resumes from (job.py)
+
+
+@dataclass(frozen=True)
+class CheckpointCommand:
+    """Save the trainer state (adapter included) to `directory`."""
+
+    directory: Path
+
+
+@dataclass(frozen=True)
+class ResumeCommand:
+    """Load the trainer state saved in `state_dir` (a restarted worker, or a resumed job)."""
+
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    """Stop the worker (every rank); it answers `Stopped` and exits."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Rank 0 -> the other ranks while the job sends nothing, so their wait never times out (job_worker.py)."""
+
+
+Command = StepCommand | CheckpointCommand | ResumeCommand | StopCommand
+
+
+# ---- replies: worker (rank 0) -> job --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The trainer is built (on every rank)."""
+
+
+@dataclass(frozen=True)
+class StepDone:
+    metrics: tuple[StepMetrics, ...]  # one per optimizer step
+    adapter: Path
+    optimizer_steps: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    optimizer_steps: int
+
+
+@dataclass(frozen=True)
+class CheckpointSaved:
+    checkpoint: Path
+    adapter: Path
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The worker is about to exit."""
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A command (or the trainer's start) failed: "config" is a bad train_kwargs (-> HTTP 400), "trainer" anything
+    else (-> 500, with the traceback in `message`)."""
+
+    kind: Literal["config", "trainer"]
+    message: str
+
+
+Reply = Ready | StepDone | Resumed | CheckpointSaved | Stopped | WorkerError
+COMMANDS = (StepCommand, CheckpointCommand, ResumeCommand, StopCommand)
+REPLIES = (Ready, StepDone, Resumed, CheckpointSaved, Stopped, WorkerError)
+
+
+def send(conn: Connection, message: Command | Reply) -> None:
+    """Put one message on the pipe (pickled); raises OSError when the other end is gone."""
+    if not isinstance(message, COMMANDS + REPLIES):
+        raise TypeError(f"not a worker message: {message!r}")
+    conn.send(message)
+
+
+def receive_command(conn: Connection) -> Command:
+    """The worker's next command; raises EOFError when the job closed the pipe."""
+    return _receive(conn, COMMANDS)
+
+
+def receive_reply(conn: Connection) -> Reply:
+    """The worker's next reply; raises EOFError (or OSError) when the worker is gone."""
+    return _receive(conn, REPLIES)
+
+
+def _receive(conn: Connection, kinds: tuple[type, ...]) -> Any:
+    message = conn.recv()
+    if not isinstance(message, kinds):
+        raise TypeError(f"expected one of {[k.__name__ for k in kinds]} on the pipe, got {type(message).__name__}")
+    return message
