@@ -186,7 +186,7 @@ def add_grpo_routes(app: FastAPI) -> None:
             device=device, batches_per_step=batches,
             step_timeout=settings.request_timeout * 6, factory=settings.trainer_factory,
             record_trained=settings.record_trained,
-            processes=processes, visible_devices=visible, resume=resume,
+            processes=processes, visible_devices=visible, resume=resume, nodes=settings.train_nodes,
         )
         job = await run_in_threadpool(GRPOJob, served, options)
         if superseded and current.state.job_id != job.state.job_id:

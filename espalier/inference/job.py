@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from espalier.inference.chat import completion_ids, normalize_messages, prompt_ids
 from espalier.inference.job_store import JobStore
@@ -68,6 +68,9 @@ from espalier.inference.worker_protocol import (
     send,
 )
 from espalier.types import Group, Sample
+
+if TYPE_CHECKING:
+    from espalier.training.distributed import TrainNodes
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,7 @@ class JobOptions:
     resume: tuple[str, int] | None = None  # (job_id, step): go on with that job from the state after that step
     processes: int = 1  # > 1: that many ranks (job_worker.py)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
+    nodes: TrainNodes | None = None  # several nodes, `processes` ranks on this one (job_worker.py)
 
 
 def training_placement(train_kwargs: dict[str, Any], train_processes: int = 0,
@@ -239,7 +243,7 @@ class GRPOJob:
     def _worker_spec(self) -> WorkerSpec:
         o = self.options
         return WorkerSpec(o.factory, o.model_path, o.train_kwargs, o.device, o.processes, o.visible_devices,
-                          o.run_dir / "trained" if o.record_trained else None)
+                          o.run_dir / "trained" if o.record_trained else None, o.nodes)
 
     def _start_worker(self) -> None:
         ctx = mp.get_context("spawn")

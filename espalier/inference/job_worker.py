@@ -22,13 +22,22 @@ Departures from Arbor:
 3. While the server sends nothing, rank 0 broadcasts a `Heartbeat` every `HEARTBEAT_S`, so the
    other ranks' wait never reaches the process group's collective timeout (rollouts take long).
 4. With `spec.record_dir`, the trainer is built with a `SequenceRecorder` (training/record.py):
-   rank r > 0 records its share of the sequences to `step-N.rank<r>.jsonl`.
+   rank r > 0 records its share of the sequences to `step-N.rank<r>.jsonl` (on its node's disk).
+5. Several nodes (`spec.nodes`, a `TrainNodes`): this process hosts torchrun's c10d rendezvous
+   and starts the head's ranks through torchrun's agent (`distributed.launch_nodes`); the other
+   nodes run `torchrun ... -m espalier.inference.join`, whose ranks get the `WorkerSpec` from
+   rank 0 and run the same loop. Rank 0 is the head's first rank (the one with the pipe), so
+   adapters and checkpoints are written on the server's machine. Before the trainer is built the
+   ranks compare their package versions and check the model path; a node that disagrees is a
+   "config" error that names the fix. Every collective has a timeout (`TrainNodes.timeout_s`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import socket
 import threading
 import time
 import traceback
@@ -56,7 +65,7 @@ from espalier.inference.worker_protocol import (
 )
 
 if TYPE_CHECKING:
-    from espalier.training.distributed import Processes
+    from espalier.training.distributed import Processes, TorchProcesses
     from espalier.training.record import OnFed, SequenceRecorder
 
 DEFAULT_FACTORY = "espalier.inference.job_worker:build_trainer"
@@ -146,7 +155,7 @@ def _receive(conn: Connection) -> Command | None:
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     _exit_with_parent()  # a killed server must not leave its trainer running (and writing adapters)
-    if spec.processes > 1:
+    if spec.processes > 1 or spec.nodes is not None:
         _launch_ranks(conn, spec)
         return
     recorder = _recorder(spec, 0)
@@ -165,15 +174,27 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
 
 
 def _launch_ranks(conn: Connection, spec: WorkerSpec) -> None:
-    """Start the ranks and wait; a failed rank raises here, so this process exits nonzero."""
+    """Start this node's ranks (and with `spec.nodes`, wait for the other nodes) and wait; a failed rank raises
+    here, so this process exits nonzero."""
     import multiprocessing
 
-    from espalier.training.distributed import launch
+    from espalier.training.distributed import launch, launch_nodes
 
     multiprocessing.current_process().daemon = False  # the job starts this process as a daemon; ranks are children
-    if spec.visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec.visible_devices  # "" = CPU ranks
-    launch(rank_main, spec.processes, args=(conn, spec))
+    visible = _visible_devices(spec)
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # "" = CPU ranks
+    if spec.nodes is None:
+        launch(rank_main, spec.processes, args=(conn, spec))
+    else:
+        launch_nodes(rank_main, spec.nodes, spec.processes, args=(conn, spec))
+
+
+def _visible_devices(spec: WorkerSpec) -> str | None:
+    """The head's ranks' CUDA_VISIBLE_DEVICES; one rank per node on "cpu" or "cuda:k" sees that device only."""
+    if spec.visible_devices is not None or spec.nodes is None:
+        return spec.visible_devices
+    return "" if spec.device == "cpu" else spec.device.partition(":")[2]
 
 
 def _exit_with_parent() -> None:
@@ -189,47 +210,85 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="espalier-parent-watch", daemon=True).start()
 
 
-def rank_main(conn: Connection | None, spec: WorkerSpec) -> None:
-    """One rank: build the trainer, agree on the start with the other ranks, then obey rank 0."""
+def rank_main(conn: Connection | None, spec: WorkerSpec | None, timeout_s: float | None = None) -> WorkerError | None:
+    """One rank: join the group, get the spec from rank 0 (a rank of a joining node has none), build the trainer,
+    agree on the start with the other ranks, then obey rank 0. Returns the start error the ranks agreed on."""
     import torch
-    import torch.distributed as dist
 
-    from espalier.training.distributed import init_processes, worker_device
+    from espalier.training.distributed import DEFAULT_TIMEOUT_S, TorchProcesses, init_processes, worker_device
 
     _exit_with_parent()
-    processes = init_processes()
+    leads = conn is not None and os.environ.get("LOCAL_RANK", "0") == "0"  # the head's first rank talks to the job
+    if timeout_s is None:
+        timeout_s = spec.nodes.timeout_s if spec is not None and spec.nodes is not None else DEFAULT_TIMEOUT_S
+    processes = init_processes(timeout_s, leads=leads)
+    assert isinstance(processes, TorchProcesses), "rank_main runs in a group of two or more ranks"
     device = worker_device()
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    if processes.rank != 0:
+    if conn is not None and not leads:
         conn.close()
         conn = None
+    joined = spec is None
+    spec = processes.broadcast_object(spec, torch.device(device))
     recorder = _recorder(spec, processes.rank)
-    trainer, error = _start(spec, device, processes, recorder)
-    errors: list[WorkerError | None] = [None] * processes.world_size
-    dist.all_gather_object(errors, error)
-    error = next((e for e in errors if e is not None), None)
+    trainer, error = None, _node_error(spec, processes, joined)
+    if error is None:
+        trainer, error = _start(spec, device, processes, recorder)
+    error = next((e for e in processes.gather_objects(error) if e is not None), None)
     if conn is not None:
         send(conn, error or Ready())
     if error is None:
-        _rank_loop(conn, trainer, recorder, processes.rank, torch.device(device))
+        _rank_loop(conn, trainer, recorder, processes, torch.device(device))
+    return error
 
 
-def _next_command(conn: Connection | None, device) -> Command | Heartbeat | None:
-    """Rank 0 reads the pipe (a heartbeat while it is quiet) and every rank gets the same command."""
-    import torch.distributed as dist
+def _software() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return ", ".join(f"{name} {installed(name)}" for name in ("torch", "transformers", "peft", "espalier"))
+
+
+def _node_error(spec: WorkerSpec, processes: TorchProcesses, joined: bool) -> WorkerError | None:
+    """A node whose setup disagrees with the head's: other package versions, or no model where the head has it."""
+    software = processes.gather_objects(_software())
+    if len(set(software)) > 1:
+        ranks = "; ".join(f"rank {r}: {s}" for r, s in enumerate(software))
+        return WorkerError("config", f"the training ranks run different software ({ranks}); install the same "
+                                     "versions on every training node")
+    if joined and not Path(spec.model_path).exists():
+        return WorkerError("config", f"{socket.gethostname()} (rank {processes.rank}) has no model at "
+                                     f"{spec.model_path}; put the model at the same path on every training node")
+    return None
+
+
+def _next_command(conn: Connection | None, processes: TorchProcesses, device) -> Command | Heartbeat | None:
+    """Rank 0 reads the pipe (a heartbeat while it is quiet) and every rank gets the same command; a rank that
+    lost the others (one died, hung past the timeout, or its node went away) raises, rank 0 after replying."""
     command: Command | Heartbeat | None = Heartbeat()
     if conn is not None and conn.poll(HEARTBEAT_S):
         command = _receive(conn)
-    box = [command]
-    dist.broadcast_object_list(box, src=0, device=device)
-    return box[0]
+    try:
+        return processes.broadcast_object(command, device)
+    except Exception as e:  # gloo and nccl raise RuntimeError subclasses; any failure here ends the ranks
+        lost = (f"rank {processes.rank} lost the other training ranks ({type(e).__name__}: {e}); a rank died, hung "
+                "past the collective timeout, or its node is unreachable")
+        if conn is not None and isinstance(command, (StepCommand, CheckpointCommand, ResumeCommand)):
+            with contextlib.suppress(OSError):
+                send(conn, WorkerError("trainer", lost))  # the job waits for this command's reply
+        raise RuntimeError(lost) from e
 
 
-def _rank_loop(conn: Connection | None, trainer, recorder: SequenceRecorder | None, rank: int, device) -> None:
+def _rank_loop(conn: Connection | None, trainer, recorder: SequenceRecorder | None, processes: TorchProcesses,
+               device) -> None:
     while True:
-        command = _next_command(conn, device)
+        command = _next_command(conn, processes, device)
         if command is None or isinstance(command, StopCommand):
             if conn is not None and command is not None:
                 send(conn, Stopped())
@@ -240,4 +299,4 @@ def _rank_loop(conn: Connection | None, trainer, recorder: SequenceRecorder | No
         if conn is not None:
             send(conn, reply)
         if isinstance(reply, WorkerError):  # the ranks may be out of step now: end them all (the launcher sees it)
-            raise RuntimeError(f"rank {rank}: {reply.message}")
+            raise RuntimeError(f"rank {processes.rank}: {reply.message}")

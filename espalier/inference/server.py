@@ -30,7 +30,7 @@ import secrets
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -43,6 +43,9 @@ from espalier.inference.engine import EngineError, EngineUnavailable
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.serving import ServedModel, UnknownModel
 
+if TYPE_CHECKING:
+    from espalier.training.distributed import TrainNodes
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +57,8 @@ class ServerSettings:
     run_dir: Path = Path("runs/serve")
     model_path: Path | None = None
     record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/*.jsonl
-    train_processes: int = 0  # > 0: GRPO jobs train on this many CPU ranks (gloo); 0 = from num_training_gpus
+    train_processes: int = 0  # > 0: GRPO jobs train on this many CPU ranks (gloo) per node; 0 = from num_training_gpus
+    train_nodes: TrainNodes | None = None  # GRPO jobs train on several nodes that meet at this rendezvous
     trainer_factory: str = DEFAULT_FACTORY  # "module:callable" the GRPO worker builds its trainer with (tests: a fake)
 
 
@@ -223,7 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-processes", type=int, default=0,
                    help="train GRPO jobs on N CPU processes (gloo), for CPU clusters and tests; "
                         "0 = follow the job's num_training_gpus")
+    p.add_argument("--train-nodes", type=int, default=1,
+                   help="train GRPO jobs on N nodes: this one (the head) and N-1 that run "
+                        "`torchrun ... -m espalier.inference.join` (needs --train-rdzv-endpoint)")
+    p.add_argument("--train-rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="address of this machine where the other training nodes' torchrun meets it (--rdzv-endpoint)")
+    p.add_argument("--train-timeout", type=float, default=1800.0,
+                   help="seconds a training collective waits for the other nodes before the job fails")
     return p
+
+
+def train_nodes(args: argparse.Namespace) -> TrainNodes | None:
+    """The training nodes the flags ask for; None for this node alone. A half-given pair is a ValueError."""
+    from espalier.training.distributed import TrainNodes
+
+    if args.train_nodes == 1 and args.train_rdzv_endpoint is None:
+        return None
+    if args.train_rdzv_endpoint is None:
+        raise ValueError(f"--train-nodes {args.train_nodes} needs --train-rdzv-endpoint HOST:PORT, an address of "
+                         "this machine that the other nodes reach (the --rdzv-endpoint of their torchrun)")
+    return TrainNodes(args.train_rdzv_endpoint, args.train_nodes, timeout_s=args.train_timeout)
 
 
 def checkpoint_name(adapter: Path) -> str:
@@ -246,7 +269,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         served.publish(args.adapter)
         served.add_checkpoint(checkpoint_name(args.adapter), args.adapter)  # a saved program's `<id>@<name>` works
     settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path,
-                              args.record_trained, train_processes=args.train_processes)
+                              args.record_trained, train_processes=args.train_processes, train_nodes=train_nodes(args))
     return create_app(served, settings)
 
 
@@ -257,7 +280,12 @@ def serve_main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        train_nodes(args)  # before the model loads: a wrong flag is a usage error that names the fix
+    except ValueError as e:
+        parser.error(str(e))
     app = build_app(args)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

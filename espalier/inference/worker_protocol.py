@@ -20,9 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from espalier.types import Group, StepMetrics
+
+if TYPE_CHECKING:
+    from espalier.training.distributed import TrainNodes
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class WorkerSpec:
     processes: int = 1  # > 1: that many ranks (job_worker.py)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
     record_dir: Path | None = None  # every fed sequence is appended under it (training/record.py); None: not recorded
+    nodes: TrainNodes | None = None  # several nodes: `processes` ranks on each (job_worker.py); None: this one only
 
 
 # ---- commands: job -> worker -> ranks -------------------------------------------------------

@@ -1,0 +1,53 @@
+"""A training node that joins the head node's ranks: run under torchrun on every node but the head.
+
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HEAD:29500
+             --rdzv-id espalier -m espalier.inference.join [--timeout 1800]
+
+The head is the machine of `espalier serve --train-nodes 2 --train-rdzv-endpoint HEAD:29500`; its
+job worker hosts the rendezvous when a GRPO job starts. This node's ranks join the process group,
+receive the job's `WorkerSpec` from rank 0 (the model path must exist here too), then obey the
+commands rank 0 broadcasts (job_worker.rank_main). The ranks exit when the job stops; a job is a
+new rendezvous (and so is a restarted trainer worker), so run this command in a loop to serve
+successive jobs: `while torchrun ...; do :; done` (torchrun exits nonzero on a failure).
+
+Departures from Arbor:
+1. Arbor trains on the GPUs of one machine; this lets the trainer's ranks span machines, each
+   node started by the standard launcher (torchrun) and found through its c10d rendezvous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import traceback
+
+from espalier.training.distributed import DEFAULT_TIMEOUT_S
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m espalier.inference.join", description=__doc__.splitlines()[0])
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds any collective waits before this rank gives up (a rank elsewhere hung)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        sys.exit("espalier.inference.join: run it under torchrun with --nnodes 2 or more (see its docstring)")
+    from espalier.inference.job_worker import rank_main
+
+    where = f"rank {os.environ.get('RANK')} on {socket.gethostname()}"
+    try:
+        error = rank_main(None, None, args.timeout)
+    except Exception as e:
+        traceback.print_exc()
+        sys.exit(f"espalier.inference.join: {where} failed: {e}")
+    if error is not None:
+        sys.exit(f"espalier.inference.join: the job did not start ({error.kind}): {error.message}")
+
+
+if __name__ == "__main__":
+    main()
