@@ -12,6 +12,7 @@ untrained program on k training claims and reports, per run:
 - distinct queries per group (of G)
 
     python -m benchmarks.signal [--claims 12] [--group 6] [--temperatures 0.4 0.7 1.0] [--adapter fieldwise]
+                                [--num-docs 3] [--max-tokens 64] [--data synthetic | hotpotqa:DIR]
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ def main() -> None:
     parser.add_argument("--adapter", default="fieldwise")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-docs", type=int, default=3)
+    parser.add_argument("--data", default="synthetic", help="a `--data` spec of `espalier run multihop`")
     args = parser.parse_args()
 
-    data = load_multihop("synthetic", seed=0, dev_size=40)
+    data = load_multihop(args.data, seed=0, **({"dev_size": 40} if args.data == "synthetic" else {}))
     search, adapter = BM25Retriever(data.corpus), make_adapter(args.adapter)
     server = espalier.init(run_dir=tempfile.mkdtemp(prefix="espalier-signal-"))
     claims = data.train[: args.claims]
@@ -113,7 +115,7 @@ def main() -> None:
         rows[temperature] = signal_row([runs[i : i + args.group] for i in range(0, len(runs), args.group)])
     print(
         f"### [CPU] Learning signal of the untrained program ({args.claims} claims x G {args.group}, "
-        f"adapter {args.adapter}, max_tokens {args.max_tokens})\n"
+        f"adapter {args.adapter}, max_tokens {args.max_tokens}, num_docs {args.num_docs}, data {args.data})\n"
     )
     names = list(next(iter(rows.values())))
     print("| temperature | " + " | ".join(names) + " |\n| ---: |" + " ---: |" * len(names))
