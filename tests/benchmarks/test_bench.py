@@ -183,3 +183,15 @@ def test_roofline_work_counts_each_shared_prefix_once():
     runs = [Rollout(0, (call([1, 2, 3], [4, 5]), call([1, 2, 3, 4, 5, 6], [7])), 1.0),  # a continued call: +2
             Rollout(0, (call([1, 2, 9], [4]),), 0.0)]  # shares [1, 2]: +2
     assert work_tokens(runs) == 5 + 2 + 2
+
+
+def test_ceiling_policies_bracket_the_first_search():
+    from benchmarks.ceiling import POLICIES, policy_recall
+    from espalier.recipes.multihop import BM25Retriever, load_multihop
+    from espalier.recipes.multihop.metric import first_search_recall
+
+    data = load_multihop("synthetic", seed=0, dev_size=40)
+    search, dev = BM25Retriever(data.corpus), data.dev
+    floor = first_search_recall(dev, search, 3)
+    assert policy_recall(dev, search, 3, POLICIES["claim"]) == pytest.approx(floor)  # the same query finds nothing new
+    assert policy_recall(dev, search, 3, POLICIES["bridge title"]) > floor + 0.2  # naming the bridge finds it
