@@ -86,7 +86,7 @@ class TrainConfig:
     num_training_gpus: int = 0
     num_inference_gpus: int = 0
     seed: int = 0
-    num_generations: int | None = None  # DSPy's GRPO passes it; the group size comes from the groups themselves
+    num_generations: int | None = None  # DSPy's GRPO passes it; when set, every group of a step must hold that many samples
     # Logging.
     report_to: str = "none"
     log_completions: bool = False

@@ -129,7 +129,8 @@ def _resume(body: dict[str, Any]) -> tuple[str, int] | None:
     return job, step
 
 
-def _groups(body: dict[str, Any], tokenizer, vocab_size: int, max_model_len: int) -> tuple[list[Group], list[int]]:
+def _groups(body: dict[str, Any], tokenizer, vocab_size: int, max_model_len: int,
+            group_size: int | None) -> tuple[list[Group], list[int]]:
     """The step's groups (Espalier's `groups` or an Arbor `batch`), checked against the served model."""
     try:
         if body.get("groups") is not None:
@@ -138,7 +139,7 @@ def _groups(body: dict[str, Any], tokenizer, vocab_size: int, max_model_len: int
             groups, ids = [Group.from_dict(g) for g in body["groups"]], []
         else:
             groups, ids = groups_from_batch(body.get("batch"), tokenizer)
-        check_groups(groups, vocab_size, max_model_len)
+        check_groups(groups, vocab_size, max_model_len, group_size)
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError, TemplateError) as e:
         raise oa.BadRequest(f"bad GRPO batch: {e}"[:2000], "batch") from e
     if not ids and isinstance(body.get("batch_id"), int):
@@ -207,7 +208,7 @@ def add_grpo_routes(app: FastAPI) -> None:
     async def step(request: Request):
         body = await read_json(request, limit)
         job = _job(request, body)
-        groups, ids = _groups(body, served.engine.tokenizer, vocab, served.engine.max_model_len)
+        groups, ids = _groups(body, served.engine.tokenizer, vocab, served.engine.max_model_len, job.group_size)
         await run_in_threadpool(job.step, groups, ids)
         return job.status()
 

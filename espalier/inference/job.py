@@ -149,13 +149,17 @@ def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
                   None if logprobs is None else tuple(float(x) for x in logprobs), truncated)
 
 
-def check_groups(groups: list[Group], vocab_size: int, max_model_len: int) -> None:
-    """A step's groups fit the served model: token ids in its vocabulary, sequences within its context."""
+def check_groups(groups: list[Group], vocab_size: int, max_model_len: int, group_size: int | None = None) -> None:
+    """A step's groups fit the served model (token ids in its vocabulary, sequences within its context) and, when
+    the job was given `num_generations`, hold that many samples each, as Arbor requires."""
     if not groups:
         raise ValueError("a step needs at least one group")
     for g in groups:
         if not g.samples:
             raise ValueError(f"group {g.key!r} has no samples")
+        if group_size is not None and len(g.samples) != group_size:
+            raise ValueError(f"group {g.key!r} has {len(g.samples)} samples but the job's num_generations is "
+                             f"{group_size}: send groups of {group_size}, or initialize without num_generations")
         for s in g.samples:
             if max(max(s.prompt_ids), max(s.completion_ids)) >= vocab_size:
                 raise ValueError(f"group {g.key!r}: a token id is outside the model's vocabulary of {vocab_size}")
@@ -336,6 +340,12 @@ class GRPOJob:
             self._next_batch_id += 1
 
     # ---- the job API -------------------------------------------------------------------
+
+    @property
+    def group_size(self) -> int | None:
+        """`num_generations` when the client gave it (DSPy's GRPO does): every group must hold that many samples."""
+        size = self.options.train_kwargs.get("num_generations")
+        return None if size is None else int(size)
 
     @property
     def checkpoint_root(self) -> Path:

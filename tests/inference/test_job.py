@@ -72,6 +72,10 @@ def test_job_lifecycle_publishes_adapters_and_checkpoints(served_app):
 
     assert post(url, "status", {"job_id": "other"}).status_code == 404
     assert post(url, "step", {"job_id": job_id, "batch": []}).status_code == 400
+    three = Group((*group.samples, Sample((1, 2), (6,), 0.5)), key="g3")  # num_generations is 2, as Arbor checks
+    wrong = post(url, "step", {"job_id": job_id, "groups": [three.to_dict()]})
+    assert wrong.status_code == 400 and "num_generations is 2" in wrong.text
+    assert post(url, "status", {"job_id": job_id}).json()["steps"] == 2  # nothing was trained or counted
     status = post(url, "terminate", {"job_id": job_id}).json()
     assert status["status"] == "terminated" and status["pending_batch_ids"] == []
     assert post(url, "step", {"job_id": job_id, "batch": [arbor_item(2)]}).status_code == 409
