@@ -35,8 +35,8 @@ _HELP = {
     "val_every": "validate every N steps (and before the first and after the last)",
     "val_temperature": "sampling temperature of validation (0 = greedy)",
     "temperature": "rollout sampling temperature",
-    "adapter": "prefill (DSPy's format, first header prefilled) | fieldwise (every header written by the adapter, "
-    "one call per field) | chat (DSPy's ChatAdapter)",
+    "adapter": "fieldwise (every header written by the adapter, one call per field) | prefill (DSPy's format, "
+    "first header prefilled) | chat (DSPy's ChatAdapter)",
     "seed": "seed for data, shuffling and sampling",
     "num_training_gpus": "GPUs for training (0 = CPU)",
     "num_inference_gpus": "GPUs for the engine (0 = CPU)",
@@ -68,7 +68,7 @@ _EVAL_HELP = {
     "api_key": "API key of --base-url's server",
     "engine": "engine of the started server [default: the run's]",
     "model": "served model [default: the run's, or the one a program.json names]",
-    "adapter": "prefill | fieldwise | chat [default: the run's; prefill outside a run directory]",
+    "adapter": "fieldwise | prefill | chat [default: the run's; fieldwise outside a run directory]",
     "num_docs": "passages per search (0 = the run's)",
     "num_hops": "searches per run (0 = the run's)",
     "threads": "program runs in flight",

@@ -6,14 +6,12 @@ directory also gets `run.json` (what `espalier eval` needs) and `report.html`, b
 every validation.
 
 Departures from the tutorial:
-1. The LM's adapter is `PrefillChatAdapter`: DSPy's ChatAdapter with the first output
-   header (`[[ ## reasoning ## ]]`) written into the assistant turn. SmolLM2-135M cold fails
-   the format on 85% of dev claims with it (100% with plain ChatAdapter) and GRPO teaches it
-   the format within about 6 steps (partial format credit gives the signal); plain
-   ChatAdapter learned far slower (92% failures after 6 steps). `--adapter fieldwise`
-   (`FieldwiseChatAdapter`: every header written by the adapter, 0% failures from step 0)
-   starts where the prefill run ends, but its recall barely moves in 30 CPU minutes: a
-   follow-up query only helps when it names the bridge entity, which few sampled queries do.
+1. The LM's adapter is `FieldwiseChatAdapter`: every output header is written by the
+   adapter and each field's value is sampled by its own call, so every run parses from
+   step 0 and training starts at the always-parsing program. With `--adapter prefill`
+   (DSPy's ChatAdapter with the first header prefilled) SmolLM2-135M cold fails the format
+   on 85% of synthetic dev claims and on 100% of the HotpotQA sample's (its reasoning runs
+   past `max_tokens`), where no group has reward variance and nothing is learnt.
    `--adapter chat` is DSPy's own. Rollouts, validation and the returned program all use
    the chosen adapter.
 2. The default data is a generated world (offline); the tutorial's HoVer data is `--data hover:...`.
@@ -58,7 +56,7 @@ class RunOptions:
     val_every: int = 5
     val_temperature: float = 0.0
     temperature: float = 0.7
-    adapter: str = "prefill"
+    adapter: str = "fieldwise"
     seed: int = 0
     num_training_gpus: int = 0
     num_inference_gpus: int = 0
