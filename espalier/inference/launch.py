@@ -113,12 +113,14 @@ def init(
     adapter: str | Path | None = None,
     record_trained: bool = False,
     train_processes: int | None = None,
+    inference_replicas: int = 1,
 ) -> dict[str, Any]:
     """Start `python -m espalier.inference.server` in the background and wait until it is healthy.
 
     `record_trained=True` makes the trainer append every sequence it feeds to
     `run_dir/trained/step-N.jsonl`, to audit what was trained. `train_processes=N` trains with
-    N CPU processes (torch distributed, gloo) instead of one; GPUs follow `num_training_gpus`."""
+    N CPU processes (torch distributed, gloo) instead of one; GPUs follow `num_training_gpus`.
+    `inference_replicas=N` serves from N engine processes (`--inference-replicas`)."""
     port = port or free_port(host)
     _exit_on_sigterm()
     api_key = api_key if api_key is not None else os.environ.get("ESPALIER_API_KEY")
@@ -127,7 +129,7 @@ def init(
     log_path = log_dir / "server.log"
     args = _server_args(model, engine, host, port, num_inference_gpus, run_dir=log_dir, adapter=adapter,
                         engine_start_timeout=timeout, record_trained=record_trained,
-                        train_processes=train_processes)
+                        train_processes=train_processes, inference_replicas=inference_replicas)
     env = dict(os.environ)
     if api_key:
         env["ESPALIER_API_KEY"] = api_key  # not on the command line, where `ps` shows it
@@ -152,10 +154,11 @@ def serve(
     num_inference_gpus: int = 0,
     run_dir: str | Path | None = None,
     adapter: str | Path | None = None,
+    inference_replicas: int = 1,
 ) -> None:
     """Run the server in the foreground until interrupted."""
     from espalier.inference.server import serve_main
 
     args = _server_args(model, engine, host, port or 0, num_inference_gpus, run_dir=run_dir, adapter=adapter,
-                        api_key=api_key)
+                        api_key=api_key, inference_replicas=inference_replicas)
     serve_main(args)

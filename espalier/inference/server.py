@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from espalier.inference import openai_api as oa
 from espalier.inference.chat import normalize_messages, prompt_ids
 from espalier.inference.engine import EngineError, EngineUnavailable
 from espalier.inference.job_worker import DEFAULT_FACTORY
+from espalier.inference.replicas import ReplicaSet
 from espalier.inference.serving import ServedModel, UnknownModel
 
 if TYPE_CHECKING:
@@ -164,7 +165,10 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "engine_alive": served.engine.alive(), "model": served.model_id}
+        body = {"status": "ok", "engine_alive": served.engine.alive(), "model": served.model_id}
+        if isinstance(served.engine, ReplicaSet):  # --inference-replicas N: each one's state and request counts
+            body["replicas"] = [asdict(r) for r in served.engine.status()]
+        return body
 
     @app.get("/v1/models")
     async def models():
@@ -217,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="0 = a free port")
     p.add_argument("--api-key", default=os.environ.get("ESPALIER_API_KEY"))
     p.add_argument("--num-inference-gpus", type=int, default=0)
+    p.add_argument("--inference-replicas", type=int, default=1, metavar="N",
+                   help="run N engine processes and spread requests over them (fewest in flight first); "
+                        "--num-inference-gpus is split evenly between them, CPU cores likewise. A replica that dies "
+                        "is restarted and its requests are retried on another; /health lists the replicas")
     p.add_argument("--adapter", type=Path, default=None, help="serve this saved peft adapter as the current policy")
     p.add_argument("--run-dir", type=Path, default=Path("runs/serve"))
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
@@ -263,7 +271,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     from espalier.inference.factory import make_engine, resolve_model_path
 
     path = resolve_model_path(args.model)
-    engine = make_engine(path, args.engine, args.num_inference_gpus, args.engine_start_timeout)
+    engine = make_engine(path, args.engine, args.num_inference_gpus, args.engine_start_timeout, args.inference_replicas)
     served = ServedModel(engine, args.model, aliases=(str(path),))
     if args.adapter is not None:
         served.publish(args.adapter)
@@ -279,11 +287,14 @@ def serve_main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    from espalier.inference.factory import replica_gpus
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        train_nodes(args)  # before the model loads: a wrong flag is a usage error that names the fix
+    try:  # before the model loads: a wrong flag is a usage error that names the fix
+        train_nodes(args)
+        replica_gpus(args.num_inference_gpus, args.inference_replicas)
     except ValueError as e:
         parser.error(str(e))
     app = build_app(args)

