@@ -34,14 +34,8 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
-from espalier.inference.job import (
-    GRPOJob,
-    JobError,
-    JobOptions,
-    check_groups,
-    groups_from_batch,
-    training_placement,
-)
+from espalier.inference.arbor_batch import check_groups, groups_from_batch
+from espalier.inference.job import GRPOJob, JobError, JobOptions, training_placement
 from espalier.inference.job_store import JobStore
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.serving import UnknownModel, strip_prefix

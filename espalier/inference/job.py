@@ -1,6 +1,6 @@
 """The GRPO job behind `/v1/fine_tuning/grpo/*`: a trainer worker process plus adapter publishing.
 
-A step converts the posted batch into `espalier.types.Group`s, has the worker run
+A step takes the posted batch as `espalier.types.Group`s (arbor_batch.py), has the worker run
 `GRPOTrainer.train_step` on all of them, exports the new adapter and loads it into the engine
 as the current policy, timing the swap. The job and its worker speak in the typed messages of
 `worker_protocol.py` (a `StepCommand` is answered by `StepDone`, ...). Every wait on the worker
@@ -10,9 +10,8 @@ hanging.
 Departures from Arbor:
 1. `step` trains on every group it is given, synchronously, and returns when the new policy
    is being served; Arbor queues one group per optimizer step and trains in the background.
-2. Batch items keep the ids that were sampled: `prompt_ids` / `completion_ids` / `logprobs`
-   when a member has them, else the member's messages and completion are tokenised with the
-   server's own chat template (the one that sampled), never re-rendered by another adapter.
+2. Batch items keep the ids that were sampled, or are tokenised with the server's own chat
+   template (the one that sampled), never re-rendered by another adapter (arbor_batch.py).
 3. `pending_batch_ids` advertises `batches_per_step` ids at a time (default 1, as Arbor's
    clients expect one group per id); Espalier's own client sends groups without ids.
 4. A trainer error or a timeout is reported in `status` and as HTTP 500/409 with the message;
@@ -43,11 +42,10 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from espalier.inference.chat import completion_ids, normalize_messages, prompt_ids
 from espalier.inference.job_store import JobStore
 from espalier.inference.job_worker import DEFAULT_FACTORY, worker_main
 from espalier.inference.serving import ServedModel
@@ -67,7 +65,7 @@ from espalier.inference.worker_protocol import (
     receive_reply,
     send,
 )
-from espalier.types import Group, Sample
+from espalier.types import Group
 
 if TYPE_CHECKING:
     from espalier.training.distributed import TrainNodes
@@ -76,6 +74,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_RESTARTS = 3  # trainer worker restarts per job
+STOP_GRACE_S = 30.0  # how long ending a job waits for the command in flight before it kills the trainer
 R = TypeVar("R")
 
 
@@ -129,61 +128,6 @@ def training_placement(train_kwargs: dict[str, Any], train_processes: int = 0,
     if len(plan.training) <= 1:
         return (f"cuda:{plan.training[0]}" if plan.training else "cpu"), 1, None
     return "cuda", len(plan.training), ",".join(str(d) for d in plan.training)
-
-
-def _member_sample(member: dict[str, Any], tokenizer) -> Sample:
-    if "reward" not in member:
-        raise ValueError("every group member needs a 'reward'")
-    if member.get("prompt_ids") is not None and member.get("completion_ids") is not None:
-        prompt, completion = list(member["prompt_ids"]), list(member["completion_ids"])
-    else:
-        messages = normalize_messages(member.get("messages"))
-        reply = member.get("completion")
-        text = reply.get("content") if isinstance(reply, dict) else reply
-        if not isinstance(text, str):
-            raise ValueError("a member without token ids needs 'messages' and 'completion': {'content': ...}")
-        prompt, completion = prompt_ids(tokenizer, messages), completion_ids(tokenizer, text)
-    logprobs = member.get("logprobs")
-    truncated = bool(member.get("truncated")) or member.get("finish_reason") == "length"  # text members: unknown
-    return Sample(tuple(prompt), tuple(completion), float(member["reward"]),
-                  None if logprobs is None else tuple(float(x) for x in logprobs), truncated)
-
-
-def check_groups(groups: list[Group], vocab_size: int, max_model_len: int, group_size: int | None = None) -> None:
-    """A step's groups fit the served model (token ids in its vocabulary, sequences within its context) and, when
-    the job was given `num_generations`, hold that many samples each, as Arbor requires."""
-    if not groups:
-        raise ValueError("a step needs at least one group")
-    for g in groups:
-        if not g.samples:
-            raise ValueError(f"group {g.key!r} has no samples")
-        if group_size is not None and len(g.samples) != group_size:
-            raise ValueError(f"group {g.key!r} has {len(g.samples)} samples but the job's num_generations is "
-                             f"{group_size}: send groups of {group_size}, or initialize without num_generations")
-        for s in g.samples:
-            if max(max(s.prompt_ids), max(s.completion_ids)) >= vocab_size:
-                raise ValueError(f"group {g.key!r}: a token id is outside the model's vocabulary of {vocab_size}")
-            if len(s.prompt_ids) + len(s.completion_ids) > max_model_len:
-                raise ValueError(f"group {g.key!r}: a sample of {len(s.prompt_ids) + len(s.completion_ids)} tokens "
-                                 f"is longer than the model's context of {max_model_len}")
-
-
-def groups_from_batch(batch: list[Any], tokenizer) -> tuple[list[Group], list[int]]:
-    """Arbor batch items (`{batch_id, group: [...]}`, a bare list of members, or one flat group)."""
-    if not isinstance(batch, list) or not batch:
-        raise ValueError("batch must be a non-empty list")
-    if all(isinstance(m, dict) and "group" not in m for m in batch):
-        batch = [batch]  # one flat group of members
-    groups, ids = [], []
-    for i, item in enumerate(batch):
-        members = item.get("group") if isinstance(item, dict) else item
-        if not isinstance(members, list) or not members:
-            raise ValueError(f"batch item {i} has no group members")
-        if isinstance(item, dict) and item.get("batch_id") is not None:
-            ids.append(int(item["batch_id"]))
-        key = f"batch{item.get('batch_id')}" if isinstance(item, dict) else f"item{i}"
-        groups.append(Group(tuple(_member_sample(m, tokenizer) for m in members), key=key))
-    return groups, ids
 
 
 @dataclass
@@ -246,8 +190,9 @@ class GRPOJob:
 
     def _worker_spec(self) -> WorkerSpec:
         o = self.options
+        nodes = None if o.nodes is None else replace(o.nodes, log_dir=o.run_dir / "torchelastic")
         return WorkerSpec(o.factory, o.model_path, o.train_kwargs, o.device, o.processes, o.visible_devices,
-                          o.run_dir / "trained" if o.record_trained else None, o.nodes)
+                          o.run_dir / "trained" if o.record_trained else None, nodes)
 
     def _start_worker(self) -> None:
         ctx = mp.get_context("spawn")
@@ -385,29 +330,34 @@ class GRPOJob:
     def terminate(self) -> None:
         """Stop the worker gracefully; the current policy stays served."""
         if self.state.status == "running":
-            if self._proc.is_alive():
-                with self._lock, contextlib.suppress(JobError, WorkerDied):  # no restart just to stop it
-                    self._exchange(StopCommand(), 60, "stop", Stopped)
             self.state.status = "terminated"
-        self._reap()
+        self._stop_worker()
 
     def supersede(self, reason: str) -> None:
-        """End this job because another takes the server: gracefully when idle, else by killing its trainer."""
+        """End this job because another takes the server (a step in flight publishes nothing)."""
         if self.state.status not in ("running", "initializing"):
             return
         log.warning("GRPO job %s is still %s: ending it, %s", self.state.job_id, self.state.status, reason)
-        if self._lock.acquire(blocking=False):  # idle: no step or checkpoint in flight
-            self._lock.release()
-            self.terminate()
-        else:  # a step is in flight for a client that may be gone: do not wait for it, nor restart its trainer
-            self.state.status, self.state.error = "terminated", reason
-            self._proc.kill()
         self.state.status, self.state.error = "terminated", reason
-        self._reap()
+        self._stop_worker()
 
     def cancel(self) -> None:
         if self.state.status in ("running", "initializing"):
             self.state.status = "cancelled"
+        self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        """Send `StopCommand` once the command in flight is answered, so every rank ends cleanly (another node's
+        too, whose torchrun then exits 0); a trainer busy past `STOP_GRACE_S`, or that does not stop, is killed."""
+        if not self._lock.acquire(timeout=STOP_GRACE_S):
+            self._proc.kill()  # still busy (for a client that may be gone): its ranks elsewhere fail instead
+        else:
+            try:
+                if self._proc.is_alive():
+                    with contextlib.suppress(JobError, WorkerDied, OSError):  # no restart just to stop it
+                        self._exchange(StopCommand(), 60, "stop", Stopped)
+            finally:
+                self._lock.release()
         self._reap()
 
     def _reap(self) -> None:

@@ -19,8 +19,9 @@ Departures from Arbor:
 2. Several ranks: a rank that fails or dies ends every rank and this process (nonzero exit),
    so the job reports "failed" instead of hanging in a collective; a trainer error on any
    rank is therefore fatal to the job, where one process answers it and keeps going.
-3. While the server sends nothing, rank 0 broadcasts a `Heartbeat` every `HEARTBEAT_S`, so the
-   other ranks' wait never reaches the process group's collective timeout (rollouts take long).
+3. While the server sends nothing, rank 0 broadcasts a `Heartbeat` every `heartbeat_s(timeout)`
+   (`HEARTBEAT_S`, or a quarter of the shortest collective timeout of the ranks), so the other
+   ranks' wait never reaches the process group's collective timeout (rollouts take long).
 4. With `spec.record_dir`, the trainer is built with a `SequenceRecorder` (training/record.py):
    rank r > 0 records its share of the sequences to `step-N.rank<r>.jsonl` (on its node's disk).
 5. Several nodes (`spec.nodes`, a `TrainNodes`): this process hosts torchrun's c10d rendezvous
@@ -30,6 +31,9 @@ Departures from Arbor:
    adapters and checkpoints are written on the server's machine. Before the trainer is built the
    ranks compare their package versions and check the model path; a node that disagrees is a
    "config" error that names the fix. Every collective has a timeout (`TrainNodes.timeout_s`).
+   Rank 0 writes the trainer state on the head's disk, and a `ResumeCommand` makes every rank load
+   it: resuming on several nodes needs a run directory shared by every node (the same path on
+   each); a rank that cannot see the state is a "config" error that says so.
 """
 
 from __future__ import annotations
@@ -69,7 +73,12 @@ if TYPE_CHECKING:
     from espalier.training.record import OnFed, SequenceRecorder
 
 DEFAULT_FACTORY = "espalier.inference.job_worker:build_trainer"
-HEARTBEAT_S = 60.0
+HEARTBEAT_S = 60.0  # the most time between two broadcasts from rank 0 (heartbeat_s)
+
+
+def heartbeat_s(timeout_s: float) -> float:
+    """Seconds between rank 0's heartbeats: well within `timeout_s`, so an idle rank's wait never times out."""
+    return min(HEARTBEAT_S, timeout_s / 4)
 
 
 def build_trainer(model_path: Path, train_kwargs: dict[str, Any], device: str, processes: Processes | None = None,
@@ -120,11 +129,8 @@ def _step(trainer, recorder: SequenceRecorder | None, command: StepCommand) -> S
 
 
 def _checkpoint(trainer, directory: Path) -> CheckpointSaved:
-    trainer.save_checkpoint(directory)
-    adapter = directory / "adapter"  # GRPOTrainer.save_checkpoint writes the adapter there (after a barrier)
-    if not (adapter / "adapter_config.json").exists():
-        adapter = trainer.export_adapter(adapter)
-    return CheckpointSaved(directory, Path(adapter))
+    trainer.save_checkpoint(directory)  # the adapter included, in directory/adapter (from rank 0, then a barrier)
+    return CheckpointSaved(directory, directory / "adapter")
 
 
 def _handle(trainer, recorder: SequenceRecorder | None, command: Command) -> Reply:
@@ -221,16 +227,15 @@ def rank_main(conn: Connection | None, spec: WorkerSpec | None, timeout_s: float
     leads = conn is not None and os.environ.get("LOCAL_RANK", "0") == "0"  # the head's first rank talks to the job
     if timeout_s is None:
         timeout_s = spec.nodes.timeout_s if spec is not None and spec.nodes is not None else DEFAULT_TIMEOUT_S
-    processes = init_processes(timeout_s, leads=leads)
+    processes = init_processes(timeout_s, leads=leads)  # on this rank's device (the current CUDA device)
     assert isinstance(processes, TorchProcesses), "rank_main runs in a group of two or more ranks"
     device = worker_device()
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     if conn is not None and not leads:
         conn.close()
         conn = None
     joined = spec is None
     spec = processes.broadcast_object(spec, torch.device(device))
+    heartbeat = heartbeat_s(min(processes.gather_objects(timeout_s)))  # each rank waits by its own timeout
     recorder = _recorder(spec, processes.rank)
     trainer, error = None, _node_error(spec, processes, joined)
     if error is None:
@@ -239,7 +244,7 @@ def rank_main(conn: Connection | None, spec: WorkerSpec | None, timeout_s: float
     if conn is not None:
         send(conn, error or Ready())
     if error is None:
-        _rank_loop(conn, trainer, recorder, processes, torch.device(device))
+        _rank_loop(conn, trainer, recorder, processes, torch.device(device), heartbeat)
     return error
 
 
@@ -268,11 +273,13 @@ def _node_error(spec: WorkerSpec, processes: TorchProcesses, joined: bool) -> Wo
     return None
 
 
-def _next_command(conn: Connection | None, processes: TorchProcesses, device) -> Command | Heartbeat | None:
-    """Rank 0 reads the pipe (a heartbeat while it is quiet) and every rank gets the same command; a rank that
-    lost the others (one died, hung past the timeout, or its node went away) raises, rank 0 after replying."""
+def _next_command(conn: Connection | None, processes: TorchProcesses, device,
+                  heartbeat: float) -> Command | Heartbeat | None:
+    """Rank 0 reads the pipe (a heartbeat when it is quiet for `heartbeat` s) and every rank gets the same command;
+    a rank that lost the others (one died, hung past the timeout, or its node went away) raises, rank 0 after
+    replying."""
     command: Command | Heartbeat | None = Heartbeat()
-    if conn is not None and conn.poll(HEARTBEAT_S):
+    if conn is not None and conn.poll(heartbeat):
         command = _receive(conn)
     try:
         return processes.broadcast_object(command, device)
@@ -285,17 +292,30 @@ def _next_command(conn: Connection | None, processes: TorchProcesses, device) ->
         raise RuntimeError(lost) from e
 
 
+def _missing_state(command: ResumeCommand, processes: TorchProcesses) -> WorkerError | None:
+    """Rank 0 saved the state on its own disk: a rank on another node sees it only through a shared directory."""
+    seen = processes.gather_objects((socket.gethostname(), Path(command.state_dir).is_dir()))
+    missing = [f"{host} (rank {rank})" for rank, (host, found) in enumerate(seen) if not found]
+    if not missing:
+        return None
+    return WorkerError("config", f"{', '.join(missing)} cannot find the trainer state at {command.state_dir}: "
+                                 "resuming on several nodes needs a run directory shared by every training node, "
+                                 "at the same path on each (e.g. a network file system given to espalier serve "
+                                 "--run-dir)")
+
+
 def _rank_loop(conn: Connection | None, trainer, recorder: SequenceRecorder | None, processes: TorchProcesses,
-               device) -> None:
+               device, heartbeat: float) -> None:
     while True:
-        command = _next_command(conn, processes, device)
+        command = _next_command(conn, processes, device, heartbeat)
         if command is None or isinstance(command, StopCommand):
             if conn is not None and command is not None:
                 send(conn, Stopped())
             return
         if isinstance(command, Heartbeat):
             continue
-        reply = _run(trainer, recorder, command)
+        missing = _missing_state(command, processes) if isinstance(command, ResumeCommand) else None
+        reply = missing or _run(trainer, recorder, command)
         if conn is not None:
             send(conn, reply)
         if isinstance(reply, WorkerError):  # the ranks may be out of step now: end them all (the launcher sees it)

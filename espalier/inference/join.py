@@ -8,7 +8,15 @@ job worker hosts the rendezvous when a GRPO job starts. This node's ranks join t
 receive the job's `WorkerSpec` from rank 0 (the model path must exist here too), then obey the
 commands rank 0 broadcasts (job_worker.rank_main). The ranks exit when the job stops; a job is a
 new rendezvous (and so is a restarted trainer worker), so run this command in a loop to serve
-successive jobs: `while torchrun ...; do :; done` (torchrun exits nonzero on a failure).
+successive jobs, whatever each run's exit status (torchrun gives up after about a minute without
+a head to join, and exits nonzero when a rank fails):
+
+    while true; do torchrun ... -m espalier.inference.join; sleep 2; done
+
+A job refused for its configuration (a "config" error, the client's HTTP 400) exits 0 after
+saying why; a failure exits nonzero. Rank 0 saves the trainer state on the head's disk and a
+restarted or resumed job loads it on every rank: resuming needs a run directory shared by every
+node, at the same path (`espalier serve --run-dir`); a node that cannot see it fails saying so.
 
 Departures from Arbor:
 1. Arbor trains on the GPUs of one machine; this lets the trainer's ranks span machines, each
@@ -39,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("espalier.inference.join: run it under torchrun with --nnodes 2 or more (see its docstring)")
     from espalier.inference.job_worker import rank_main
 
-    where = f"rank {os.environ.get('RANK')} on {socket.gethostname()}"
     try:
         error = rank_main(None, None, args.timeout)
-    except Exception as e:
+    except Exception as e:  # its message names the rank, numbered from the head's (TorchProcesses)
         traceback.print_exc()
-        sys.exit(f"espalier.inference.join: {where} failed: {e}")
-    if error is not None:
+        sys.exit(f"espalier.inference.join on {socket.gethostname()} failed: {e}")
+    if error is not None and error.kind == "config":  # the job's own error (told to its client): this node is fine
+        print(f"espalier.inference.join: the job did not start: {error.message}", file=sys.stderr)
+    elif error is not None:
         sys.exit(f"espalier.inference.join: the job did not start ({error.kind}): {error.message}")
 
 

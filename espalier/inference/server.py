@@ -43,6 +43,7 @@ from espalier.inference.engine import EngineError, EngineUnavailable
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.replicas import ReplicaSet
 from espalier.inference.serving import ServedModel, UnknownModel
+from espalier.training.distributed import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from espalier.training.distributed import TrainNodes
@@ -240,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "`torchrun ... -m espalier.inference.join` (needs --train-rdzv-endpoint)")
     p.add_argument("--train-rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="address of this machine where the other training nodes' torchrun meets it (--rdzv-endpoint)")
-    p.add_argument("--train-timeout", type=float, default=1800.0,
-                   help="seconds a training collective waits for the other nodes before the job fails")
+    p.add_argument("--train-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="with --train-nodes: seconds a training collective waits for the other nodes before the "
+                        "job fails")
     return p
 
 

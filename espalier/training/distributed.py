@@ -39,6 +39,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -101,13 +102,18 @@ class TorchProcesses:
 
 
 def init_processes(timeout_s: float = DEFAULT_TIMEOUT_S, leads: bool | None = None) -> Processes:
-    """In a worker: join the process group (from the environment torchrun or `launch` set); one process gets the
-    null object. `leads`: whether this process is to be rank 0, exactly one process saying so (None: global rank
-    0 leads). A collective that waits longer than `timeout_s` raises instead of hanging."""
+    """In a worker: join the process group (from the environment torchrun or `launch` set) on this rank's device
+    (`worker_device()`, made the current CUDA device); one process gets the null object. `leads`: whether this
+    process is to be rank 0, exactly one process saying so (None: global rank 0 leads). A collective that waits
+    longer than `timeout_s` raises instead of hanging."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SingleProcess()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():  # this rank's GPU before any collective, else every NCCL rank would use cuda:0
+        device = torch.device(worker_device())
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     if leads is None:
         return TorchProcesses()
     claims: list[bool] = [False] * dist.get_world_size()
@@ -165,6 +171,7 @@ class TrainNodes:
     join_timeout_s: float = 600.0  # how long this node waits for the others to join
     timeout_s: float = DEFAULT_TIMEOUT_S  # how long any collective waits (a rank that hangs)
     run_id: str = "espalier"  # their torchrun --rdzv-id
+    log_dir: Path | None = None  # where torchrun's agent writes its per-run logs (None: a new /tmp/torchelastic_*)
 
     def __post_init__(self) -> None:
         host, _, port = self.endpoint.rpartition(":")
@@ -188,6 +195,7 @@ def launch_nodes(fn: Callable[..., Any], nodes: TrainNodes, nproc_per_node: int,
 
     No restarts: a failed or killed rank anywhere ends this node's ranks and raises here (`ChildFailedError`);
     nodes that do not all join within `nodes.join_timeout_s` raise too."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -195,5 +203,6 @@ def launch_nodes(fn: Callable[..., Any], nodes: TrainNodes, nproc_per_node: int,
         rdzv_backend="c10d", rdzv_endpoint=nodes.endpoint, max_restarts=0, start_method="spawn",
         rdzv_configs={"is_host": True, "join_timeout": nodes.join_timeout_s},
         local_addr=nodes.host,  # the address the others reach this node by, not whatever the FQDN resolves to
+        logs_specs=DefaultLogsSpecs(log_dir=None if nodes.log_dir is None else str(nodes.log_dir)),
     )
     elastic_launch(config, fn)(*args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class FakeTrainer:
         if once and not Path(once).exists():
             Path(once).write_text("died")
             os._exit(9)
+        time.sleep(float(self.kwargs.get("step_seconds", 0.0)))  # a step that takes a while (a stop waits for it)
         self.optimizer_steps += 1
         n = sum(len(g.samples) for g in groups)
         tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
 import httpx
 import pytest
 from serving_fixtures import API_KEY, MODEL_ID
 
-from espalier.inference.job import groups_from_batch
+from espalier.inference.arbor_batch import groups_from_batch
+from espalier.inference.job import GRPOJob, JobError, JobOptions
 from espalier.types import Group, Sample
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -129,3 +134,33 @@ def test_a_new_initialize_ends_a_job_whose_client_is_gone(served_app):
     assert status["checkpoints"]["step-1"]["model"] == f"{MODEL_ID}@{second['job_id']}/step-1"
     assert greedy(url, f"{MODEL_ID}@{first}/step-1") == trained  # the first job's step-1 is still its own
     assert post(url, "terminate", {"job_id": second["job_id"]}).json()["status"] == "terminated"
+
+
+class StubServed:
+    """What a job needs of the served model when nothing is sampled: publishing an adapter."""
+
+    model_id = MODEL_ID
+
+    def publish(self, adapter: Path) -> float:
+        return 1.0
+
+
+def test_cancel_waits_for_the_step_in_flight_then_stops_the_trainer_cleanly(tiny_chat_dir, tmp_path):
+    """A stop, not a kill: on several nodes that is what lets every rank, another node's too, exit 0."""
+    options = JobOptions(tiny_chat_dir, tmp_path, {"step_seconds": 3.0}, factory="fake_grpo_trainer:FakeTrainer")
+    job = GRPOJob(StubServed(), options)
+    refused: list[int] = []
+
+    def step() -> None:
+        try:
+            job.step([Group((Sample((1, 2), (3,), 1.0), Sample((1, 2), (4,), 0.0)), key="g")], [])
+        except JobError as e:
+            refused.append(e.status)
+
+    thread = threading.Thread(target=step)
+    thread.start()
+    time.sleep(1.0)  # the step is in flight
+    job.cancel()
+    thread.join(10)
+    assert job._proc.exitcode == 0 and job.state.status == "cancelled"
+    assert refused == [409] and job.state.steps == 0  # the step trained, but a cancelled job publishes nothing

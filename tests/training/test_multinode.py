@@ -2,7 +2,9 @@
 rendezvous as the head, a real `torchrun --nnodes 2 ... -m espalier.inference.join` joins it; CPU, gloo, loopback.
 
 1. Two steps on the two nodes export the adapter one process trains on the same batches.
-2. A rank killed (SIGKILL) on either node makes the other node's rank fail fast with a message that says so.
+2. A rank killed (SIGKILL) on either node makes the other node's rank fail fast with a message that says so,
+   long before the collective timeout.
+3. Ranks left idle longer than a short collective timeout still train: rank 0's heartbeat follows the timeout.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from espalier.config import TrainConfig
-from espalier.inference.job_worker import DEFAULT_FACTORY, worker_main
+from espalier.inference.job_worker import DEFAULT_FACTORY, HEARTBEAT_S, _missing_state, heartbeat_s, worker_main
 from espalier.inference.worker_protocol import (
     Ready,
+    ResumeCommand,
     StepCommand,
     StepDone,
     StopCommand,
@@ -34,11 +37,12 @@ from espalier.inference.worker_protocol import (
     send,
 )
 from espalier.training import GRPOTrainer
-from espalier.training.distributed import TrainNodes, free_port
+from espalier.training.distributed import DEFAULT_TIMEOUT_S, TrainNodes, free_port
 from espalier.types import Group, Sample
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-TIMEOUT_S = 30.0  # every collective and the rendezvous of these tests
+TIMEOUT_S = 30.0  # every collective of these tests unless one says otherwise
+RDZV_TIMEOUT_S = 30.0  # how long the head waits for the joining node
 KWARGS = {
     "learning_rate": 1e-2, "gradient_accumulation_steps": 2, "loss_type": "dapo", "seed": 5,
     "lora_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
@@ -54,18 +58,18 @@ HEAD = "127.0.0.2"  # the head's address; the joining node's 127.0.0.1 sorts fir
 # the head's rank, the one that talks to the job and writes the adapter
 
 
-def _join_node(port: int, log: Path) -> subprocess.Popen:
+def _join_node(port: int, log: Path, timeout_s: float) -> subprocess.Popen:
     """Node 1: the command a user runs on the other machine (is_host=0: on one machine, never host the store)."""
     command = [TORCHRUN, "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"{HEAD}:{port}", "--rdzv-id", "espalier", "--rdzv-conf", "is_host=0",
-               "--local-addr", "127.0.0.1", "-m", "espalier.inference.join", "--timeout", str(TIMEOUT_S)]
+               "--local-addr", "127.0.0.1", "-m", "espalier.inference.join", "--timeout", str(timeout_s)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LOGLEVEL": "INFO"}  # INFO: its global ranks
     return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def _head_node(model_dir: Path, port: int):
+def _head_node(model_dir: Path, port: int, timeout_s: float, log_dir: Path):
     """Node 0: the job worker the server starts, as a GRPO job does (job.py), with one rank on this node."""
-    nodes = TrainNodes(f"{HEAD}:{port}", 2, join_timeout_s=TIMEOUT_S, timeout_s=TIMEOUT_S)
+    nodes = TrainNodes(f"{HEAD}:{port}", 2, join_timeout_s=RDZV_TIMEOUT_S, timeout_s=timeout_s, log_dir=log_dir)
     spec = WorkerSpec(DEFAULT_FACTORY, model_dir, KWARGS | {"per_device_train_batch_size": 2}, nodes=nodes)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
@@ -80,10 +84,10 @@ def _reply(conn, timeout: float = 120.0):
     return receive_reply(conn)
 
 
-def _start_two_nodes(model_dir: Path, tmp_path: Path):
+def _start_two_nodes(model_dir: Path, tmp_path: Path, timeout_s: float = TIMEOUT_S):
     port = free_port()
-    joined = _join_node(port, tmp_path / "join.log")
-    conn, head = _head_node(model_dir, port)
+    joined = _join_node(port, tmp_path / "join.log", timeout_s)
+    conn, head = _head_node(model_dir, port, timeout_s, tmp_path / "torchelastic")
     assert isinstance(_reply(conn), Ready), (tmp_path / "join.log").read_text()
     return conn, head, joined
 
@@ -116,6 +120,7 @@ def test_two_nodes_export_the_adapter_one_process_trains(tiny_llama_dir: Path, t
         head.kill()
         joined.kill()
     assert "global_ranks=[0]" in (tmp_path / "join.log").read_text()  # the head was not torch's rank 0
+    assert any((tmp_path / "torchelastic").iterdir())  # the agent's logs are under the run directory, not /tmp
     assert reply.optimizer_steps == 4  # 10 sequences a step, optimizer batches of 2 x 2 x 2 = 8: 8 then 2
 
     single = GRPOTrainer(tiny_llama_dir, TrainConfig.from_kwargs(KWARGS | {"per_device_train_batch_size": 4}))
@@ -132,24 +137,79 @@ def test_two_nodes_export_the_adapter_one_process_trains(tiny_llama_dir: Path, t
 @pytest.mark.parametrize("victim", ["joined", "head"])
 def test_a_killed_rank_fails_the_other_node_fast_and_clearly(tiny_llama_dir: Path, tmp_path: Path,
                                                               victim: str) -> None:
-    conn, head, joined = _start_two_nodes(tiny_llama_dir, tmp_path)
+    fast = 20.0  # the peer's death is seen at once; a collective would time out only after 180 s
+    conn, head, joined = _start_two_nodes(tiny_llama_dir, tmp_path, timeout_s=180.0)
     try:
         _rank_process(joined.pid if victim == "joined" else head.pid).send_signal(signal.SIGKILL)
         killed = time.monotonic()
         if victim == "joined":  # the head's rank 0 notices when it next broadcasts: this command
             send(conn, _step(1, tmp_path))
-            reply = _reply(conn, TIMEOUT_S)
+            reply = _reply(conn, fast)
             assert isinstance(reply, WorkerError) and "lost the other training ranks" in reply.message, reply
-            head.join(TIMEOUT_S)
+            message = reply.message
+            head.join(fast)
             assert head.exitcode not in (0, None)  # the job sees its worker die and restarts it or fails
         else:  # the joining node's rank waits in the broadcast of the next command or heartbeat
-            assert joined.wait(TIMEOUT_S) != 0
-            log = (tmp_path / "join.log").read_text()
-            assert "espalier.inference.join: rank" in log and "lost the other training ranks" in log, log
-        assert time.monotonic() - killed < TIMEOUT_S  # the peer's death, not a collective's timeout
+            assert joined.wait(fast) != 0
+            message = (tmp_path / "join.log").read_text()
+            assert "espalier.inference.join on" in message and "lost the other training ranks" in message, message
+        assert time.monotonic() - killed < fast
+        assert "timed out" not in message.lower(), message  # the peer's death, not a collective's timeout
     finally:
         head.kill()
         joined.kill()
+
+
+@pytest.mark.slow
+def test_idle_ranks_outlive_a_collective_timeout_shorter_than_the_heartbeat(tiny_llama_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    timeout_s = 8.0  # under HEARTBEAT_S: rank 0 must beat every timeout_s / 4
+    conn, head, joined = _start_two_nodes(tiny_llama_dir, tmp_path, timeout_s)
+    try:
+        time.sleep(1.5 * timeout_s)  # the server sends nothing (rollouts take long)
+        assert joined.poll() is None, (tmp_path / "join.log").read_text()
+        send(conn, _step(1, tmp_path))
+        assert isinstance(_reply(conn), StepDone), (tmp_path / "join.log").read_text()
+        send(conn, StopCommand())
+        assert isinstance(_reply(conn), Stopped)
+        head.join(60)
+        assert head.exitcode == 0 and joined.wait(60) == 0
+    finally:
+        head.kill()
+        joined.kill()
+
+
+def test_the_heartbeat_stays_within_any_collective_timeout() -> None:
+    assert heartbeat_s(DEFAULT_TIMEOUT_S) == HEARTBEAT_S == 60.0
+    assert heartbeat_s(8.0) == 2.0
+
+
+def test_a_rank_without_the_saved_state_names_the_shared_run_directory(tmp_path: Path) -> None:
+    class TwoNodes:  # rank 0 on this machine sees tmp_path; rank 1's node does not
+        def gather_objects(self, obj):
+            return [obj, ("node-b", False)]
+
+    error = _missing_state(ResumeCommand(tmp_path), TwoNodes())
+    assert error is not None and error.kind == "config" and error.message.startswith(f"node-b (rank 1) cannot find the trainer state at "
+                                                               f"{tmp_path}")
+    assert "run directory shared by every training node" in error.message
+
+
+@pytest.mark.parametrize(("kind", "exits"), [("config", False), ("trainer", True)])
+def test_join_exits_0_when_the_job_is_refused_for_its_config(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture, kind: str,
+                                                            exits: bool) -> None:
+    """A client's bad train_kwargs is the job's error, not this node's: the node's loop goes on quietly."""
+    from espalier.inference import job_worker, join
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(job_worker, "rank_main", lambda *args: WorkerError(kind, "learning_rate must be positive"))
+    if exits:
+        with pytest.raises(SystemExit, match="did not start \\(trainer\\)"):
+            join.main([])
+    else:
+        join.main([])
+        assert "the job did not start: learning_rate must be positive" in capsys.readouterr().err
 
 
 def test_node_flags_are_checked_and_name_the_fix() -> None:
