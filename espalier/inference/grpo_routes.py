@@ -202,6 +202,7 @@ def add_grpo_routes(app: FastAPI) -> None:
     async def step(request: Request):
         body = await read_json(request, limit)
         job = _job(request, body)
+        job.check_usable()  # a step to an ended job is a 409 whatever its groups
         groups, ids = _groups(body, served.engine.tokenizer, vocab, served.engine.max_model_len, job.group_size)
         await run_in_threadpool(job.step, groups, ids)
         return job.status()

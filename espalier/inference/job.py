@@ -227,7 +227,7 @@ class GRPOJob:
         """Send a command and wait for its reply; a worker that died is restarted first (nothing was lost), and
         one that dies during the command is restarted and the command fails with a retryable 503."""
         with self._lock:
-            self._check_usable()
+            self.check_usable()
             if not self._proc.is_alive():
                 self._restart_worker(f"the trainer process had died (exit code {self._proc.exitcode})")
             try:
@@ -275,7 +275,7 @@ class GRPOJob:
         log.error(message)
         raise JobError(message, 500)
 
-    def _check_usable(self) -> None:
+    def check_usable(self) -> None:
         if self.state.status != "running":
             raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error or 'not running'}", 409)
 
@@ -297,11 +297,11 @@ class GRPOJob:
         return self.store.checkpoint_root
 
     def step(self, groups: list[Group], batch_ids: list[int]) -> None:
-        self._check_usable()
+        self.check_usable()
         step = self.state.steps + 1
         command = StepCommand(step, tuple(groups), self.store.export_dir(step), self.store.state_dir(step))
         result = self._call(command, self.options.step_timeout, "run a training step", StepDone)
-        self._check_usable()  # superseded or cancelled while it trained: publish nothing
+        self.check_usable()  # superseded or cancelled while it trained: publish nothing
         self.state.steps = step
         self.state.optimizer_steps = result.optimizer_steps
         self.state.last_metrics = [m.to_dict() for m in result.metrics]
