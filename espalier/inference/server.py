@@ -305,7 +305,9 @@ def serve_main(argv: list[str] | None = None) -> None:
     sock.bind((args.host, args.port))
     print(f"espalier: serving {args.model} on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30)).run(sockets=[sock])
+        # SIGTERM: requests in flight (a step's rollouts, a training step) get 10 s, then the server exits
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30,
+                                      timeout_graceful_shutdown=10)).run(sockets=[sock])
     finally:
         if app.state.job is not None:
             app.state.job.cancel()
