@@ -117,7 +117,8 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             val_temperature=val_temperature,
             run_dir=run_dir,
         )
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # draws the examples: the same order whatever the rollouts do
+        self.fill_rng = random.Random(seed + 1)  # the grouping's random fill of variably invoked predictors
         self.history: list[dict[str, Any]] = []  # one record per step and per validation, for summaries
         # Hooks, all optional: see each step's rollouts and groups (logging, tests, custom stop rules),
         # and choose the number that ranks checkpoints (default: the mean validation metric).
@@ -162,7 +163,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             if state is None:
                 self._validate(run, 0)
             else:
-                self.history[:] = restore(run, state, self.rng)  # in place: hooks hold this list
+                self.history[:] = restore(run, state, self.rng, self.fill_rng)  # in place: hooks hold this list
                 if run.steps_done % cfg.num_steps_for_val == 0 and run.last_validated != run.steps_done:
                     self._validate(run, run.steps_done)  # it was cut off by the kill
             done = self._loop(run)
@@ -187,7 +188,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
                     break
                 record = self._train_step(step, run)
                 done = run.steps_done = step + 1
-                save_state(run, self.rng, self.history)
+                save_state(run, self.rng, self.fill_rng, self.history)
                 run.tracker.log(record["metrics"], done)
                 if self.train_config.log_completions and step % self.train_config.logging_steps == 0:
                     run.tracker.log_table("completions", record["completions"], done)
@@ -228,7 +229,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             run.predictors,
             cfg.variably_invoked_predictor_grouping_mode,
             cfg.variably_invoked_predictor_fill_strategy,
-            self.rng,
+            self.fill_rng,
         )
         if self.on_groups:
             self.on_groups(groups)
@@ -307,7 +308,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             result.num_examples,
         )
         self._keep(step, result, run)
-        save_state(run, self.rng, self.history)
+        save_state(run, self.rng, self.fill_rng, self.history)
         if self.on_validation:
             self.on_validation(step, result)
 

@@ -98,17 +98,17 @@ def start_job(lm: dspy.LM, train_kwargs: dict[str, Any], state: CompileState | N
     return job
 
 
-def save_state(run: Session, rng, history: list[dict[str, Any]]) -> None:
+def save_state(run: Session, rng, fill_rng, history: list[dict[str, Any]]) -> None:
     best = None if run.best_score == float("-inf") else run.best_score
     CompileState(
         job_id=run.job.job_id, steps_done=run.steps_done, server_steps=run.server_steps,
         last_validated=run.last_validated,
         failed_steps=run.failed_steps, best_score=best, best_step=run.best_step, best_name=run.best_name,
-        rng=rng_state(rng), order=run.order, cursor=run.cursor, history=history,
+        rng=rng_state(rng), fill_rng=rng_state(fill_rng), order=run.order, cursor=run.cursor, history=history,
     ).write(run.run_dir)
 
 
-def restore(run: Session, state: CompileState, rng) -> list[dict[str, Any]]:
+def restore(run: Session, state: CompileState, rng, fill_rng) -> list[dict[str, Any]]:
     """Put the saved run's counters, best checkpoint and random state back; returns its history."""
     run.steps_done, run.last_validated, run.failed_steps = state.steps_done, state.last_validated, state.failed_steps
     run.server_steps = state.server_steps
@@ -116,4 +116,6 @@ def restore(run: Session, state: CompileState, rng) -> list[dict[str, Any]]:
     run.best_step, run.best_name = state.best_step, state.best_name
     run.order, run.cursor = list(state.order), state.cursor
     set_rng_state(rng, state.rng)
+    if state.fill_rng:  # absent from a state saved before the two were split: the fill starts afresh
+        set_rng_state(fill_rng, state.fill_rng)
     return list(state.history)

@@ -37,6 +37,7 @@ class CompileState:
     order: list[int]  # the epoch's shuffled trainset indices, and the next one to draw
     cursor: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    fill_rng: list[Any] = field(default_factory=list)  # the grouping's random fill (random.Random.getstate())
     version: int = VERSION
 
     def write(self, run_dir: Path) -> None:
