@@ -30,9 +30,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
+from espalier.inference.worker_protocol import receive_typed, send_typed
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a waiting call checks its request's cancel event
@@ -119,19 +120,6 @@ COMMANDS = (Generate, LoadAdapter, UnloadAdapter, Cancel, Stop)
 REPLIES = (Started, Done, Failed)
 
 
-def _send(conn: Connection, message: Any, kinds: tuple[type, ...]) -> None:
-    if not isinstance(message, kinds):
-        raise TypeError(f"not an engine message: {message!r}")
-    conn.send(message)
-
-
-def _receive(conn: Connection, kinds: tuple[type, ...]) -> Any:
-    message = conn.recv()
-    if not isinstance(message, kinds):
-        raise TypeError(f"expected one of {[k.__name__ for k in kinds]} on the pipe, got {type(message).__name__}")
-    return message
-
-
 def _failure(call: int, e: BaseException) -> Failed:
     kind = next((k for k, types in KINDS if isinstance(e, types)), "engine")
     return Failed(call, kind, str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
@@ -154,14 +142,14 @@ def host_main(conn: Connection, spec: HostSpec) -> None:
     try:
         engine = TransformersEngine(spec.model_path, spec.device, spec.max_batch_rows, prefill_bf16=spec.prefill_bf16)
     except Exception as e:
-        _send(conn, _failure(0, e), REPLIES)
+        send_typed(conn, _failure(0, e), REPLIES)
         return
     lock, cancels = threading.Lock(), {}
 
     def reply(message: Started | Done | Failed) -> None:
         with lock:
             try:
-                _send(conn, message, REPLIES)
+                send_typed(conn, message, REPLIES)
             except OSError:  # the server is gone; the main loop sees it too
                 pass
 
@@ -178,7 +166,7 @@ def host_main(conn: Connection, spec: HostSpec) -> None:
     reply(Started(engine.max_model_len))
     while True:
         try:
-            command = _receive(conn, COMMANDS)
+            command = receive_typed(conn, COMMANDS)
         except (EOFError, OSError):  # the server died: end now, without waiting for the requests in flight
             os._exit(0)
         if isinstance(command, Stop):
@@ -252,7 +240,7 @@ class ProcessEngine:
                 self._kill()
                 raise EngineUnavailable(f"the engine process did not start within {self.start_timeout:.0f} s")
         try:
-            reply = _receive(self._conn, REPLIES)
+            reply = receive_typed(self._conn, REPLIES)
         except (EOFError, OSError):
             self._proc.join(timeout=5)
             raise EngineUnavailable(f"the engine process exited with code {self._proc.exitcode} while starting") from None
@@ -265,7 +253,7 @@ class ProcessEngine:
         """Resolve each call's future from its reply; when the pipe closes, fail every call still open."""
         try:
             while True:
-                reply = _receive(conn, REPLIES)
+                reply = receive_typed(conn, REPLIES)
                 future = calls.pop(reply.call, None)
                 if future is None:  # a call that timed out, or the reply to a Stop
                     continue
@@ -289,7 +277,7 @@ class ProcessEngine:
         with self._send_lock:
             if not self._gone.is_set():
                 try:
-                    _send(self._conn, message, COMMANDS)
+                    send_typed(self._conn, message, COMMANDS)
                 except OSError:
                     pass
 
@@ -301,7 +289,7 @@ class ProcessEngine:
                 raise EngineUnavailable("the engine process is not running")
             self._calls[message.call] = future
             try:
-                _send(self._conn, message, COMMANDS)
+                send_typed(self._conn, message, COMMANDS)
             except OSError as e:
                 self._calls.pop(message.call, None)
                 raise EngineUnavailable(f"the engine process is gone: {e}") from e

@@ -129,22 +129,28 @@ REPLIES = (Ready, StepDone, Resumed, CheckpointSaved, Stopped, WorkerError)
 
 def send(conn: Connection, message: Command | Reply) -> None:
     """Put one message on the pipe (pickled); raises OSError when the other end is gone."""
-    if not isinstance(message, COMMANDS + REPLIES):
-        raise TypeError(f"not a worker message: {message!r}")
+    send_typed(conn, message, COMMANDS + REPLIES)
+
+
+def send_typed(conn: Connection, message: Any, kinds: tuple[type, ...]) -> None:
+    """Put `message`, one of `kinds`, on the pipe (any typed pipe: this one, engine_process.py's)."""
+    if not isinstance(message, kinds):
+        raise TypeError(f"not one of {[k.__name__ for k in kinds]}: {message!r}")
     conn.send(message)
 
 
 def receive_command(conn: Connection) -> Command:
     """The worker's next command; raises EOFError when the job closed the pipe."""
-    return _receive(conn, COMMANDS)
+    return receive_typed(conn, COMMANDS)
 
 
 def receive_reply(conn: Connection) -> Reply:
     """The worker's next reply; raises EOFError (or OSError) when the worker is gone."""
-    return _receive(conn, REPLIES)
+    return receive_typed(conn, REPLIES)
 
 
-def _receive(conn: Connection, kinds: tuple[type, ...]) -> Any:
+def receive_typed(conn: Connection, kinds: tuple[type, ...]) -> Any:
+    """The next message on the pipe, which must be one of `kinds`; EOFError when the other end closed it."""
     message = conn.recv()
     if not isinstance(message, kinds):
         raise TypeError(f"expected one of {[k.__name__ for k in kinds]} on the pipe, got {type(message).__name__}")
