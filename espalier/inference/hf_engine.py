@@ -20,9 +20,14 @@ Departures from Arbor / `transformers.generate`:
    others are refused with a pointer to `--engine vllm`.
 5. Prefill (compute-bound) runs in bf16 where the device's bf16 matmuls are faster
    (`precision.fast_bf16`, measured: on an AVX2-only CPU bf16 is many times slower), decode
-   steps in fp32 (`decode_bf16=True` measured slower: autocast casts the fp32 KV cache every
-   step); the first token's log-prob is that of the prefill's logits, the distribution it was
-   sampled from. `prefill_bf16=False` makes every step fp32.
+   steps in fp32 (bf16 decode measured no faster on 18 rows in flight: a step is bound by
+   reading the KV cache, not the weights); the first token's log-prob is that of the
+   prefill's logits, the distribution it was sampled from. `prefill_bf16=False` makes every
+   step fp32.
+6. Attention is `attention.gqa_sdpa`: SDPA reads the grouped KV heads once, where
+   transformers' SDPA path copies each KV head per query head whenever a padding mask is
+   passed (every decode step of a batch): 1.5-2x faster engine on 18 runs in flight
+   (BENCHMARKS.md, "versus").
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from espalier.inference.attention import use_gqa_sdpa
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
 from espalier.inference.lora import LoraFactors, WeightSets, read_adapter
@@ -77,6 +83,7 @@ class TransformersEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(device).eval()
         _require_full_attention(self.model.config)
+        use_gqa_sdpa(self.model)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.max_batch_rows = max_batch_rows

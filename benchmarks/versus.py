@@ -1,0 +1,148 @@
+"""The job's rollouts through the servers of several revisions of Espalier, side by side in one run.
+
+    python -m benchmarks.versus --revs f38916e,WORKTREE [--adapters fieldwise,prefill] [--reps 2]
+
+Each revision (a git revision, or WORKTREE for the checkout as it is) is exported to a
+temporary directory and its server started there (`python -m espalier.inference.server`, the
+transformers engine, a recipe-shaped LoRA adapter active), all at once; then, repetition by
+repetition and adapter by adapter, each server runs one step of the job's rollouts in turn
+(`espalier run multihop`'s k x G runs of `ResearchHop`, all in flight, its sampling settings,
+through this checkout's client code), so load changes hit every revision alike. Only the
+server differs between rows. Program runs per minute count every run, format failures too
+(the prefill adapter's runs end at their first unparsable call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks.common import Sizes, Table, fmt, median
+from benchmarks.context import Bench, _stop_group
+from benchmarks.program import JOB, SAMPLING, generated_tokens, make_lm, make_program
+from benchmarks.report import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKTREE = "WORKTREE"
+
+
+def export(rev: str, into: Path) -> Path:
+    """The source tree of `rev` (WORKTREE: this checkout) as a directory."""
+    if rev == WORKTREE:
+        return ROOT
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def start_server(tree: Path, bench: Bench, name: str, timeout: float = 900.0) -> dict:
+    """A server from `tree`, serving the bench's adapter; returns its pid, URL and model id."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = bench.workdir / f"server-{name}"
+    run_dir.mkdir(parents=True)
+    log = open(run_dir / "server.log", "w")  # noqa: SIM115 (the server writes to it until it stops)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "espalier.inference.server", "--model", str(bench.model_dir), "--engine", "transformers",
+         "--port", str(port), "--run-dir", str(run_dir), "--adapter", str(bench.adapter)],
+        env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, stdout=log, stderr=log, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}/v1/", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server of {name} exited with {proc.returncode}: see {run_dir / 'server.log'}")
+        try:
+            with urllib.request.urlopen(url + "models", timeout=2) as r:
+                ids = [m["id"] for m in json.load(r)["data"]]
+            return {"pid": proc.pid, "base_url": url, "model": next(i for i in ids if "@" not in i), "api_key": "local"}
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the server of {name} did not answer within {timeout:.0f} s")
+
+
+def step(bench: Bench, server: dict, adapter: str, k: int, G: int, offset: int = 0) -> tuple[float, list]:
+    """Seconds and runs of one step's rollouts: k claims x G runs, all in flight."""
+    from espalier.recipes.multihop import recall
+    from espalier.recipes.multihop.job import make_adapter
+    from espalier.rollout.runner import rollout_program, run_rollouts
+
+    program = rollout_program(make_program(bench, make_lm(server, bench.sizes.max_tokens)), True,
+                              {**SAMPLING, "logprobs": True})
+    examples = [(i, bench.data.train[i % len(bench.data.train)]) for i in range(offset, offset + k)]
+    start = time.perf_counter()
+    runs = run_rollouts([program], examples, G, recall, 0.0, -1.0, k * G, make_adapter(adapter), desc="versus")
+    return time.perf_counter() - start, runs
+
+
+def measure(bench: Bench, servers: dict[str, dict], adapters: list[str], reps: int) -> dict:
+    s = bench.sizes
+    for server in servers.values():
+        step(bench, server, adapters[0], 1, 1, offset=s.k)  # warm-up
+    samples: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(reps):
+        for adapter in adapters:
+            for rev, server in servers.items():
+                sec, runs = step(bench, server, adapter, s.k, s.G)
+                sample = {"seconds": sec, "runs_per_min": 60 * len(runs) / sec, "tokens": generated_tokens(runs),
+                          "calls": sum(len(r.calls) for r in runs), "failed": sum(bool(r.failure) for r in runs)}
+                bench.log(f"[versus] {rev} {adapter} rep {rep}: {sample}")
+                samples.setdefault((rev, adapter), []).append(sample)
+    return samples
+
+
+def table(samples: dict, revs: list[str]) -> Table:
+    s = JOB
+    rows = []
+    for (rev, adapter), runs in samples.items():
+        rpm = median([r["runs_per_min"] for r in runs])
+        first = median([r["runs_per_min"] for r in samples[(revs[0], adapter)]])
+        rows.append([rev, adapter, fmt(rpm), f"{rpm / first:.2f}x", fmt(median([r["tokens"] / r["seconds"] for r in runs])),
+                     fmt(median([r["calls"] for r in runs]), 0), fmt(median([r["failed"] for r in runs]), 0),
+                     fmt(median([r["seconds"] for r in runs]), 1)])
+    return Table(
+        f"The job's rollouts by server revision: {s.examples_per_step} claims x {s.rollouts_per_example} runs of "
+        f"ResearchHop (num_docs={s.num_docs}, num_hops={s.num_hops}), all in flight, up to {s.max_tokens} new "
+        f"tokens per call, temperature {SAMPLING['temperature']:g}, transformers engine, adapter active",
+        ["server revision", "adapter", "program runs/min", f"vs {revs[0]}", "generated tokens/s", "LM calls",
+         "failed runs", "seconds"],
+        rows,
+        [f"Median of {len(next(iter(samples.values())))} steps per row after a warm-up run; the rows of one "
+         "repetition run one after another, every server started before the first.",
+         "Client, data, adapter weights and sampling settings are this checkout's for every row: only the server "
+         "(engine) differs."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.versus", description=__doc__.splitlines()[0])
+    p.add_argument("--revs", default=f"f38916e,{WORKTREE}", help=f"comma-separated git revisions, {WORKTREE} = this checkout")
+    p.add_argument("--adapters", default=JOB.adapter, help="comma-separated: fieldwise, prefill, chat, json")
+    p.add_argument("--reps", type=int, default=2)
+    args = p.parse_args(argv)
+    revs, adapters = args.revs.split(","), args.adapters.split(",")
+    bench = Bench(Sizes(k=JOB.examples_per_step, G=JOB.rollouts_per_example, max_tokens=JOB.max_tokens,
+                        num_docs=JOB.num_docs, num_hops=JOB.num_hops, threads=JOB.threads), engines=("transformers",),
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    servers = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="espalier-versus-") as tmp:
+            for i, rev in enumerate(revs):
+                servers[rev] = start_server(export(rev, Path(tmp) / f"rev{i}"), bench, f"rev{i}")
+            samples = measure(bench, servers, adapters, args.reps)
+    finally:
+        for server in servers.values():
+            _stop_group(server["pid"])
+    print(markdown_table(table(samples, revs), "CPU"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
