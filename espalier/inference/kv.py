@@ -48,10 +48,25 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grown(self, old: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
-        buf = new.new_empty((*new.shape[:2], needed + max(64, needed // 2), new.shape[-1]))  # (B, H, capacity, D)
+        buf = new.new_empty((*new.shape[:2], capacity(needed), new.shape[-1]))  # (B, H, capacity, D)
         if old is not None and self._n:
             buf[:, :, : self._n] = old[:, :, : self._n]
         return buf
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, filled: int) -> GrowingLayer:
+        """A layer whose buffers are `keys` and `values` (B, H, capacity, D), the first `filled` columns valid:
+        taken as they are, not copied."""
+        layer = cls()
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        layer._k, layer._v, layer._n = keys, values, filled
+        layer.keys, layer.values = keys[:, :, :filled], values[:, :, :filled]
+        return layer
+
+
+def capacity(needed: int) -> int:
+    """Columns to allocate for `needed`: room for at least 64 more decode steps before the next copy."""
+    return needed + max(64, needed // 2)
 
 
 class GrowingCache(DynamicCache):
@@ -62,17 +77,15 @@ class GrowingCache(DynamicCache):
         for layer, (k, v) in zip(self.layers, kv, strict=True):
             layer.update(k, v)
 
+    @classmethod
+    def holding(cls, layers: list[GrowingLayer]) -> GrowingCache:
+        cache = cls([])
+        cache.layers = layers
+        return cache
+
 
 def kv_bytes(kv: KV) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, width, D) with zeros in front."""
-    missing = width - t.shape[-2]
-    if missing == 0:
-        return t
-    return torch.cat([t.new_zeros((*t.shape[:2], missing, t.shape[-1])), t], dim=-2)
 
 
 @dataclass
@@ -97,39 +110,41 @@ class DecodeBatch:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def join(self, rows: list, kv: KV, next_ids: torch.Tensor) -> None:
-        """Add rows whose KV (one per row, or one row shared by all) covers `kv` columns, all valid."""
+        """Add rows whose KV (one per row, or one row shared by all) covers `kv` columns, all valid.
+
+        Each layer's KV is copied once, into a new buffer with room to grow: the rows in flight,
+        then the new ones, right-aligned, their left padding zeroed (masked, but 0 x NaN would not be)."""
         n, length = len(rows), kv[0][0].shape[-2]
-        kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv] if kv[0][0].shape[0] == 1 else kv
         mask = torch.ones((n, length), dtype=torch.long, device=next_ids.device)
         if not self.rows:
+            kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv] if kv[0][0].shape[0] == 1 else kv
             self.rows, self.cache, self.mask, self.next_ids = list(rows), GrowingCache(kv), mask, next_ids
             return
-        width = max(self.width, length)
-        self.cache = GrowingCache(
-            [
-                (
-                    torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
-                    torch.cat([_left_pad(v0, width), _left_pad(v1, width)]),
-                )
-                for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
-            ]
-        )
+        width, old = max(self.width, length), len(self.rows)
+        self.cache = GrowingCache.holding([_stacked([(k0, old), (k1, n)], width) for k0, k1 in
+                                           zip(self.cache.layers, kv, strict=True)])
         pad = lambda m: torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)  # noqa: E731
         self.mask = torch.cat([pad(self.mask), pad(mask)])
         self.next_ids = torch.cat([self.next_ids, next_ids])
         self.rows += rows
 
     def keep(self, indices: list[int]) -> None:
-        """Keep only these rows, and drop leading columns no remaining row uses."""
+        """Keep only these rows, and drop leading columns no remaining row uses (one copy of the KV)."""
         if not indices:
             self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
             return
         idx = torch.tensor(indices, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         start = int(self.width - mask.sum(-1).max())
-        self.cache = GrowingCache(
-            [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in self.kv]
-        )
+        width = self.width - start
+        layers = []
+        for layer in self.cache.layers:
+            k, v = (_buffer(t, len(indices), width) for t in (layer.keys, layer.values))
+            for j, i in enumerate(indices):
+                k[j, :, :width] = layer.keys[i, :, start:]
+                v[j, :, :width] = layer.values[i, :, start:]
+            layers.append(GrowingLayer.holding(k, v, width))
+        self.cache = GrowingCache.holding(layers)
         self.mask = mask[:, start:]
         self.next_ids = self.next_ids.index_select(0, idx)
         self.rows = [self.rows[i] for i in indices]
@@ -138,6 +153,29 @@ class DecodeBatch:
         """Row i's valid KV, (1, H, valid, D) per layer."""
         valid = int(self.mask[i].sum())
         return [(k[i : i + 1, :, self.width - valid :], v[i : i + 1, :, self.width - valid :]) for k, v in self.kv]
+
+
+def _buffer(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """An uninitialised (rows, H, capacity(width), D) buffer of `like`'s dtype and device."""
+    return like.new_empty((rows, like.shape[1], capacity(width), like.shape[-1]))
+
+
+def _stacked(parts: list[tuple], width: int) -> GrowingLayer:
+    """A layer holding the rows of `parts` ((a GrowingLayer or a (keys, values) pair, rows) each) stacked, each
+    part's valid columns right-aligned at `width`, the columns before them zero."""
+    total = sum(rows for _, rows in parts)
+    first = parts[0][0]
+    keys = first.keys if isinstance(first, GrowingLayer) else first[0]
+    k, v = _buffer(keys, total, width), _buffer(keys, total, width)
+    at = 0
+    for part, rows in parts:
+        pk, pv = (part.keys, part.values) if isinstance(part, GrowingLayer) else part
+        length = pk.shape[-2]
+        for buf, src in ((k, pk), (v, pv)):
+            buf[at : at + rows, :, : width - length] = 0
+            buf[at : at + rows, :, width - length : width] = src  # a (1, ...) part is broadcast to its rows
+        at += rows
+    return GrowingLayer.holding(k, v, width)
 
 
 def _starts(tokens: torch.Tensor, prefix: torch.Tensor) -> bool:

@@ -54,3 +54,17 @@ def test_a_row_with_a_broken_distribution_does_not_stop_the_others():
     alone = sample_rows(logits[:1], [torch.tensor([0])], [RowParams(1.0, 1.0, -1, 1.0, torch.Generator().manual_seed(1))])
     assert tokens[0] == alone[0][0] and math.isfinite(logprobs[0])
     assert not math.isfinite(logprobs[1]) and not math.isfinite(logprobs[2])
+
+
+def test_draws_follow_the_sampling_distribution_and_never_pick_what_top_k_removed():
+    """20,000 rows of one distribution (p = .5, .3, .15, .05, then tokens top-k 4 removes): each token's
+    share within 4 standard errors of its probability, a removed token never drawn."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0, 0.0])
+    logits = torch.log(probs + 1e-3).expand(20_000, -1).clone()  # tokens 4, 5 only top-k removes
+    params = [RowParams(1.0, 1.0, 4, 1.0, None)] * len(logits)
+    torch.manual_seed(0)
+    tokens, _ = sample_rows(logits, [torch.tensor([0])] * len(logits), params)
+    shares = torch.bincount(tokens, minlength=6).double() / len(tokens)
+    kept = (probs + 1e-3)[:4] / (probs + 1e-3)[:4].sum()
+    assert shares[4] == shares[5] == 0
+    assert torch.all((shares[:4] - kept).abs() < 4 * torch.sqrt(kept * (1 - kept) / len(tokens)))
