@@ -18,16 +18,9 @@ Departures from Arbor / `transformers.generate`:
    brought back by `restart()` with the same model and adapters.
 4. Full-attention models only (sliding-window layers would need their own KV layout):
    others are refused with a pointer to `--engine vllm`.
-5. Prefill (compute-bound) runs in bf16 where the device's bf16 matmuls are faster
-   (`precision.fast_bf16`, measured: on an AVX2-only CPU bf16 is many times slower), decode
-   steps in fp32 (bf16 decode measured no faster on 18 rows in flight: a step is bound by
-   reading the KV cache, not the weights); the first token's log-prob is that of the
-   prefill's logits, the distribution it was sampled from. `prefill_bf16=False` makes every
-   step fp32.
-6. Attention is `attention.gqa_sdpa`: SDPA reads the grouped KV heads once, where
-   transformers' SDPA path copies each KV head per query head whenever a padding mask is
-   passed (every decode step of a batch): 1.5-2x faster engine on 18 runs in flight
-   (BENCHMARKS.md, "versus").
+5. Prefill runs in bf16 where bf16 matmuls are faster (`precision.fast_bf16`); decode steps
+   in fp32 (bf16 decode measured slower at 18 rows); the first token's log-prob is the
+   prefill's. Attention is `attention.gqa_sdpa` (grouped KV heads read once, no repeat_kv).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class DecodeBatch:
             self.rows, self.cache, self.mask, self.next_ids = list(rows), GrowingCache(kv), mask, next_ids
             return
         width, old = max(self.width, length), len(self.rows)
-        self.cache = GrowingCache.holding([_stacked([(k0, old), (k1, n)], width) for k0, k1 in
+        self.cache = GrowingCache.holding([_stacked([((a.keys, a.values), old), (b, n)], width) for a, b in
                                            zip(self.cache.layers, kv, strict=True)])
         pad = lambda m: torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)  # noqa: E731
         self.mask = torch.cat([pad(self.mask), pad(mask)])
@@ -161,15 +161,12 @@ def _buffer(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
 
 
 def _stacked(parts: list[tuple], width: int) -> GrowingLayer:
-    """A layer holding the rows of `parts` ((a GrowingLayer or a (keys, values) pair, rows) each) stacked, each
-    part's valid columns right-aligned at `width`, the columns before them zero."""
-    total = sum(rows for _, rows in parts)
-    first = parts[0][0]
-    keys = first.keys if isinstance(first, GrowingLayer) else first[0]
-    k, v = _buffer(keys, total, width), _buffer(keys, total, width)
+    """A layer holding the rows of `parts` (((keys, values), rows) each) stacked, each part's valid columns
+    right-aligned at `width`, the columns before them zero."""
+    total, like = sum(rows for _, rows in parts), parts[0][0][0]
+    k, v = _buffer(like, total, width), _buffer(like, total, width)
     at = 0
-    for part, rows in parts:
-        pk, pv = (part.keys, part.values) if isinstance(part, GrowingLayer) else part
+    for (pk, pv), rows in parts:
         length = pk.shape[-2]
         for buf, src in ((k, pk), (v, pv)):
             buf[at : at + rows, :, : width - length] = 0
