@@ -80,11 +80,13 @@ def make_program(bench, lm: dspy.LM) -> ResearchHop:
     return program
 
 
-def rollouts(bench, server: dict[str, Any], k: int, G: int, max_tokens: int, offset: int = 0) -> list[Rollout]:
-    """One step's rollouts: k training claims (from `offset`) x G runs, `threads` in flight, the job's adapter."""
+def rollouts(bench, server: dict[str, Any], k: int, G: int, max_tokens: int, offset: int = 0,
+             adapter: dspy.Adapter | None = None) -> list[Rollout]:
+    """One step's rollouts: k training claims (from `offset`) x G runs, `threads` in flight, the job's adapter
+    (or `adapter`)."""
     program = rollout_program(make_program(bench, make_lm(server, max_tokens)), True, {**SAMPLING, "logprobs": True})
     examples = [(i, bench.data.train[i % len(bench.data.train)]) for i in range(offset, offset + k)]
-    return run_rollouts([program], examples, G, recall, 0.0, -1.0, bench.sizes.threads, job_adapter(),
+    return run_rollouts([program], examples, G, recall, 0.0, -1.0, bench.sizes.threads, adapter or job_adapter(),
                         desc="bench rollouts")
 
 

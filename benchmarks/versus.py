@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.common import Sizes, Table, fmt, median
 from benchmarks.context import Bench, _stop_group
-from benchmarks.program import JOB, SAMPLING, generated_tokens, make_lm, make_program
+from benchmarks.program import JOB, SAMPLING, generated_tokens, rollouts
 from benchmarks.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,40 +45,29 @@ def export(rev: str, into: Path) -> Path:
 
 def start_server(tree: Path, bench: Bench, name: str, timeout: float = 900.0) -> dict:
     """A server from `tree`, serving the bench's adapter; returns its pid, URL and model id."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_dir = bench.workdir / f"server-{name}"
+    from espalier.inference.launch import _wait_healthy
+    from espalier.inference.vllm_engine import free_port
+
+    port, run_dir = free_port(), bench.workdir / f"server-{name}"
     run_dir.mkdir(parents=True)
     log = open(run_dir / "server.log", "w")  # noqa: SIM115 (the server writes to it until it stops)
     proc = subprocess.Popen(
         [sys.executable, "-m", "espalier.inference.server", "--model", str(bench.model_dir), "--engine", "transformers",
          "--port", str(port), "--run-dir", str(run_dir), "--adapter", str(bench.adapter)],
         env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, stdout=log, stderr=log, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}/v1/", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server of {name} exited with {proc.returncode}: see {run_dir / 'server.log'}")
-        try:
-            with urllib.request.urlopen(url + "models", timeout=2) as r:
-                ids = [m["id"] for m in json.load(r)["data"]]
-            return {"pid": proc.pid, "base_url": url, "model": next(i for i in ids if "@" not in i), "api_key": "local"}
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"the server of {name} did not answer within {timeout:.0f} s")
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, proc, run_dir / "server.log", timeout)
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
+        ids = [m["id"] for m in json.load(r)["data"]]
+    return {"pid": proc.pid, "base_url": f"{url}/v1/", "model": next(i for i in ids if "@" not in i), "api_key": "local"}
 
 
 def step(bench: Bench, server: dict, adapter: str, k: int, G: int, offset: int = 0) -> tuple[float, list]:
-    """Seconds and runs of one step's rollouts: k claims x G runs, all in flight."""
-    from espalier.recipes.multihop import recall
+    """Seconds and runs of one step's rollouts: k claims x G runs (`JOB.threads` in flight), with `adapter`."""
     from espalier.recipes.multihop.job import make_adapter
-    from espalier.rollout.runner import rollout_program, run_rollouts
 
-    program = rollout_program(make_program(bench, make_lm(server, bench.sizes.max_tokens)), True,
-                              {**SAMPLING, "logprobs": True})
-    examples = [(i, bench.data.train[i % len(bench.data.train)]) for i in range(offset, offset + k)]
     start = time.perf_counter()
-    runs = run_rollouts([program], examples, G, recall, 0.0, -1.0, k * G, make_adapter(adapter), desc="versus")
+    runs = rollouts(bench, server, k, G, bench.sizes.max_tokens, offset, make_adapter(adapter))
     return time.perf_counter() - start, runs
 
 

@@ -25,7 +25,7 @@ def gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """(B, Hq, Q, D) queries over (B, Hkv, K, D) keys and values; returns (B, Q, Hq, D) and no weights."""
     causal = query.shape[2] > 1 and attention_mask is None and (is_causal if is_causal is not None else True)
-    dtype = key.dtype
+    dtype = key.dtype  # under autocast values can be bf16 while RoPE'd keys are fp32: one dtype for all three
     with torch.autocast(query.device.type, enabled=False):
         out = torch.nn.functional.scaled_dot_product_attention(
             query.to(dtype), key, value.to(dtype),
