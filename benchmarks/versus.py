@@ -1,10 +1,11 @@
 """The job's rollouts through the servers of several revisions of Espalier, side by side in one run.
 
-    python -m benchmarks.versus --revs f38916e,WORKTREE [--adapters fieldwise,prefill] [--reps 2]
+    python -m benchmarks.versus --revs f38916e,WORKTREE,WORKTREE:vllm,WORKTREE:vllm@base [--adapters fieldwise] [--reps 2]
 
-Each revision (a git revision, or WORKTREE for the checkout as it is) is exported to a
-temporary directory and its server started there (`python -m espalier.inference.server`, the
-transformers engine, a recipe-shaped LoRA adapter active), all at once; then, repetition by
+Each server is `REV[:ENGINE][@base]`: a git revision (or WORKTREE for the checkout as it is),
+exported to a temporary directory and its server started there (`python -m
+espalier.inference.server`, ENGINE the transformers engine unless named, a recipe-shaped LoRA
+adapter active; `@base` samples the base model instead), all at once; then, repetition by
 repetition and adapter by adapter, each server runs one step of the job's rollouts in turn
 (`espalier run multihop`'s k x G runs of `ResearchHop`, all in flight, its sampling settings,
 through this checkout's client code), so load changes hit every revision alike. Only the
@@ -43,8 +44,19 @@ def export(rev: str, into: Path) -> Path:
     return into
 
 
-def start_server(tree: Path, bench: Bench, name: str, timeout: float = 900.0) -> dict:
-    """A server from `tree`, serving the bench's adapter; returns its pid, URL and model id."""
+def parse(spec: str) -> tuple[str, str, bool]:
+    """`REV[:ENGINE][@base]` -> (rev, engine, base)."""
+    spec, _, base = spec.partition("@")
+    if base not in ("", "base"):
+        raise SystemExit(f"server {spec}@{base}: only @base may follow the revision and engine")
+    rev, _, engine = spec.partition(":")
+    return rev, engine or "transformers", bool(base)
+
+
+def start_server(tree: Path, bench: Bench, name: str, engine: str = "transformers", base: bool = False,
+                 timeout: float = 900.0) -> dict:
+    """A server from `tree` on `engine`, serving the bench's adapter; returns its pid, URL and model id
+    (the policy's, or its `@base` with `base`)."""
     from espalier.inference.launch import _wait_healthy
     from espalier.inference.vllm_engine import free_port
 
@@ -52,14 +64,15 @@ def start_server(tree: Path, bench: Bench, name: str, timeout: float = 900.0) ->
     run_dir.mkdir(parents=True)
     log = open(run_dir / "server.log", "w")  # noqa: SIM115 (the server writes to it until it stops)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "espalier.inference.server", "--model", str(bench.model_dir), "--engine", "transformers",
+        [sys.executable, "-m", "espalier.inference.server", "--model", str(bench.model_dir), "--engine", engine,
          "--port", str(port), "--run-dir", str(run_dir), "--adapter", str(bench.adapter)],
         env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url, proc, run_dir / "server.log", timeout)
     with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
         ids = [m["id"] for m in json.load(r)["data"]]
-    return {"pid": proc.pid, "base_url": f"{url}/v1/", "model": next(i for i in ids if "@" not in i), "api_key": "local"}
+    model = next(i for i in ids if "@" not in i) + ("@base" if base else "")
+    return {"pid": proc.pid, "base_url": f"{url}/v1/", "model": model, "api_key": "local"}
 
 
 def step(bench: Bench, server: dict, adapter: str, k: int, G: int, offset: int = 0) -> tuple[float, list]:
@@ -99,8 +112,8 @@ def table(samples: dict, revs: list[str]) -> Table:
     return Table(
         f"The job's rollouts by server revision: {s.examples_per_step} claims x {s.rollouts_per_example} runs of "
         f"ResearchHop (num_docs={s.num_docs}, num_hops={s.num_hops}), all in flight, up to {s.max_tokens} new "
-        f"tokens per call, temperature {SAMPLING['temperature']:g}, transformers engine, adapter active",
-        ["server revision", "adapter", "program runs/min", f"vs {revs[0]}", "generated tokens/s", "LM calls",
+        f"tokens per call, temperature {SAMPLING['temperature']:g}; adapter active unless `@base`",
+        ["server (revision:engine)", "adapter", "program runs/min", f"vs {revs[0]}", "generated tokens/s", "LM calls",
          "failed runs", "seconds"],
         rows,
         [f"Median of {len(next(iter(samples.values())))} steps per row after a warm-up run; the rows of one "
@@ -111,7 +124,8 @@ def table(samples: dict, revs: list[str]) -> Table:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.versus", description=__doc__.splitlines()[0])
-    p.add_argument("--revs", default=f"f38916e,{WORKTREE}", help=f"comma-separated git revisions, {WORKTREE} = this checkout")
+    p.add_argument("--revs", default=f"f38916e,{WORKTREE}",
+                   help=f"comma-separated servers REV[:ENGINE][@base]; REV a git revision or {WORKTREE} (this checkout)")
     p.add_argument("--adapters", default=JOB.adapter, help="comma-separated: fieldwise, prefill, chat, json")
     p.add_argument("--reps", type=int, default=2)
     args = p.parse_args(argv)
@@ -122,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     try:
         with tempfile.TemporaryDirectory(prefix="espalier-versus-") as tmp:
-            for i, rev in enumerate(revs):
-                servers[rev] = start_server(export(rev, Path(tmp) / f"rev{i}"), bench, f"rev{i}")
+            for i, spec in enumerate(revs):
+                rev, engine, base = parse(spec)
+                servers[spec] = start_server(export(rev, Path(tmp) / f"rev{i}"), bench, f"rev{i}", engine, base)
             samples = measure(bench, servers, adapters, args.reps)
     finally:
         for server in servers.values():

@@ -66,6 +66,7 @@ class LoadAdapter:
     call: int
     name: str
     path: Path
+    policy: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _run(engine, command: Generate | LoadAdapter | UnloadAdapter,
     if isinstance(command, Generate):
         return tuple(engine.generate(replace(command.request, cancel=cancel), timeout=command.timeout))
     if isinstance(command, LoadAdapter):
-        engine.load_adapter(command.name, command.path)
+        engine.load_adapter(command.name, command.path, command.policy)
     else:
         engine.unload_adapter(command.name)
     return ()
@@ -327,9 +328,9 @@ class ProcessEngine:
         message = Generate(next(self._ids), replace(request, cancel=None), timeout)
         return self._call(message, None if timeout is None else timeout + CALL_GRACE_S, request.cancel)
 
-    def load_adapter(self, name: str, path: Path) -> None:
+    def load_adapter(self, name: str, path: Path, policy: bool = False) -> None:
         with self._lock:
-            self._call(LoadAdapter(next(self._ids), name, Path(path)), 120.0)
+            self._call(LoadAdapter(next(self._ids), name, Path(path), policy), 120.0)
             self._adapters[name] = Path(path)
 
     def unload_adapter(self, name: str) -> None:

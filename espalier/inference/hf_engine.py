@@ -116,7 +116,7 @@ class TransformersEngine:
                 pending.future.cancel()
             raise EngineError(f"generation did not finish within {timeout} s") from e
 
-    def load_adapter(self, name: str, path: Path) -> None:
+    def load_adapter(self, name: str, path: Path, policy: bool = False) -> None:  # merges whichever a batch uses
         factors = read_adapter(Path(path))
         with self._model_lock:
             self._weights.forget(name)  # a reload replaces the previous merge

