@@ -58,7 +58,7 @@ def start_server(tree: Path, bench: Bench, name: str, engine: str = "transformer
     """A server from `tree` on `engine`, serving the bench's adapter; returns its pid, URL and model id
     (the policy's, or its `@base` with `base`)."""
     from espalier.inference.launch import _wait_healthy
-    from espalier.inference.vllm_engine import free_port
+    from espalier.ports import free_port
 
     port, run_dir = free_port(), bench.workdir / f"server-{name}"
     run_dir.mkdir(parents=True)

@@ -20,7 +20,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class EngineError(RuntimeError):
@@ -48,7 +51,7 @@ class GenerateRequest:
     logprobs: bool = True
     top_logprobs: int = 0  # > 0: also the k most likely tokens at each position, under the sampling distribution
     # Set when nobody waits for the answer any more (the HTTP client went away): the transformers engine drops the
-    # request's rows at its next decode step; vLLM's server finishes it.
+    # request's rows at its next decode step; the vLLM engine asks its server to abort it (/abort_requests).
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +88,7 @@ class Engine(Protocol):
     """Serves a base model plus named LoRA adapters."""
 
     max_model_len: int
+    tokenizer: PreTrainedTokenizerBase  # the model's; the server renders chat templates with it
 
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> list[GeneratedSequence]:
         """Sample `request.n` completions; raises EngineError on failure or timeout."""

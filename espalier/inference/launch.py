@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from espalier.inference.vllm_engine import free_port
+from espalier.ports import free_port
 
 _CHILDREN: list[subprocess.Popen] = []
 NO_KEY = "espalier-no-key"  # what a client sends to a server without a key (any value is accepted)

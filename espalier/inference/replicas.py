@@ -84,7 +84,7 @@ class ReplicaSet:
         self._replicas = [_Replica(i, engine) for i, engine in enumerate(engines)]
         first = engines[0]
         self.max_model_len = first.max_model_len
-        self.tokenizer = first.tokenizer  # type: ignore[attr-defined]
+        self.tokenizer = first.tokenizer
         self.model_path = first.model_path  # type: ignore[attr-defined]
         self._adapters: dict[str, Path] = {}
         self._policy: str | None = None  # the adapter loaded with policy=True

@@ -141,7 +141,7 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
     app.state.served = served
     app.state.settings = settings
     app.state.job = None
-    tokenizer = served.engine.tokenizer  # type: ignore[attr-defined]
+    tokenizer = served.engine.tokenizer
 
     @app.exception_handler(oa.BadRequest)
     async def bad_request(_: Request, e: oa.BadRequest):

@@ -24,15 +24,16 @@ Departures from Arbor:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -42,12 +43,10 @@ from transformers import AutoConfig, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
 from espalier.inference.vllm_merge import difference_adapter
+from espalier.ports import free_port
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+log = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.2  # how often a request's watcher looks at its cancel event
 
 
 class VLLMEngine:
@@ -105,8 +104,7 @@ class VLLMEngine:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-        if self.merge_policy:
-            env["VLLM_SERVER_DEV_MODE"] = "1"  # its /collective_rpc; the server listens on loopback only
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /abort_requests; it listens on loopback only
         if self.num_gpus > 0:
             last = self.first_gpu + self.num_gpus
             visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(last)))
@@ -273,14 +271,36 @@ class VLLMEngine:
         }
         if request.top_logprobs:
             body["return_tokens_as_token_ids"] = True  # top_logprobs keys "token_id:<id>", not text pieces
-        data = self._post("/v1/completions", body, timeout)
+        request_id = uuid.uuid4().hex
+        done = threading.Event()
+        if request.cancel is not None:
+            threading.Thread(target=self._abort_when, args=(request.cancel, done, f"cmpl-{request_id}-0"),
+                             name="espalier-vllm-cancel", daemon=True).start()
+        try:
+            data = self._post("/v1/completions", body, timeout, headers={"X-Request-Id": request_id})
+        finally:
+            done.set()
+        if request.cancel is not None and request.cancel.is_set():
+            tokens = sum(len(c.get("token_ids") or ()) for c in data.get("choices", ()))
+            raise EngineError(f"the request was cancelled; vLLM stopped it after {tokens} tokens")
         return [_sequence(c, request.logprobs, request.top_logprobs) for c in data["choices"]]
 
-    def _post(self, path: str, body: dict, timeout: float | None) -> dict:
+    def _abort_when(self, cancel: threading.Event, done: threading.Event, request_id: str) -> None:
+        """Abort the vLLM request `request_id` once `cancel` is set, unless it is `done` first."""
+        while not done.is_set():
+            if cancel.wait(CANCEL_POLL_S):
+                if not done.is_set():
+                    try:
+                        self._post("/abort_requests", {"request_ids": [request_id]}, 30)
+                    except EngineError as e:
+                        log.warning("could not abort vLLM request %s: %s", request_id, e)
+                return
+
+    def _post(self, path: str, body: dict, timeout: float | None, headers: dict[str, str] | None = None) -> dict:
         if not self.alive():
             raise EngineUnavailable("the vLLM process is not running")
         try:
-            response = self._client.post(path, json=body, timeout=timeout or 600.0)
+            response = self._client.post(path, json=body, timeout=timeout or 600.0, headers=headers)
         except httpx.TimeoutException as e:
             raise EngineError(f"vLLM did not answer {path} within {timeout} s") from e
         except httpx.HTTPError as e:

@@ -35,7 +35,6 @@ Departures from DDP / Arbor:
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +44,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from espalier.ports import free_port
 
 
 class Processes(Protocol):
@@ -129,12 +130,6 @@ def worker_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(local_rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:

@@ -16,8 +16,8 @@ from espalier.inference.hf_engine import TransformersEngine
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.server import ServerSettings, create_app
 from espalier.inference.serving import ServedModel
-from espalier.inference.vllm_engine import free_port
 from espalier.models import tiny_llama
+from espalier.ports import free_port
 
 API_KEY = "test-key"
 MODEL_ID = "tiny-chat"

@@ -92,3 +92,33 @@ def test_a_killed_server_takes_its_trainer_worker_with_it(tiny_chat_dir, tmp_pat
         assert not alive, f"{len(alive)} trainer process(es) outlived the server"
     finally:
         launch.shutdown()
+
+
+def test_sigterm_lets_a_request_in_flight_finish(tiny_chat_dir, tmp_path):
+    """SIGTERM to the server while it generates: the request in flight gets its whole answer, then the server exits
+    (uvicorn's graceful shutdown, 10 s at most)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    info = launch.init(model=str(tiny_chat_dir), engine="transformers", api_key="k", timeout=300, run_dir=tmp_path)
+    try:
+        replies: list[httpx.Response] = []
+        body = {"model": info["model"], "prompt": "Once upon a time", "max_tokens": 400, "temperature": 1.0,
+                "n": 4, "seed": 1}
+        request = threading.Thread(target=lambda: replies.append(httpx.post(
+            info["base_url"] + "completions", json=body, headers={"Authorization": "Bearer k"}, timeout=120)))
+        request.start()
+        time.sleep(1.0)  # the request has reached the engine
+        assert request.is_alive(), "the request finished before SIGTERM: make it longer"
+        os.kill(info["pid"], signal.SIGTERM)
+        request.join(timeout=60)
+        assert replies and replies[0].status_code == 200, replies and replies[0].text
+        choices = replies[0].json()["choices"]
+        assert len(choices) == 4 and all(c["text"] for c in choices)
+        psutil.Process(info["pid"]).wait(timeout=30)  # exits; psutil.TimeoutExpired otherwise
+    finally:
+        launch.shutdown()

@@ -7,6 +7,7 @@ One vLLM process per module (it takes ~30 s to start on CPU); slow, and needs vl
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -157,3 +158,26 @@ def test_top_logprobs_come_back_as_token_ids(vllm_served):
     for token, logprob, top in zip(greedy.token_ids, greedy.logprobs, greedy.top_logprobs, strict=True):
         assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-4  # greedy: the most likely
         assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_cancel_aborts_the_vllm_request(vllm_served):
+    """A request whose client went away is aborted in vLLM, not generated to its end."""
+    engine = vllm_served.engine
+    cancel = threading.Event()
+    long = request(engine, max_tokens=900, temperature=1.0, seed=2, cancel=cancel)
+    errors: list[Exception] = []
+
+    def run():
+        try:
+            engine.generate(long, timeout=300)
+        except EngineError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)
+    cancel.set()
+    thread.join(timeout=300)
+    assert errors and "cancelled" in str(errors[0])
+    stopped_after = int(re.search(r"after (\d+) tokens", str(errors[0]))[1])
+    assert stopped_after < 900  # a 135M model on 2 cores does not write 900 tokens in the second before the abort

@@ -36,8 +36,9 @@ from espalier.inference.worker_protocol import (
     receive_reply,
     send,
 )
+from espalier.ports import free_port
 from espalier.training import GRPOTrainer
-from espalier.training.distributed import DEFAULT_TIMEOUT_S, TrainNodes, free_port
+from espalier.training.distributed import DEFAULT_TIMEOUT_S, TrainNodes
 from espalier.types import Group, Sample
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
