@@ -40,6 +40,8 @@ _HELP = {
     "seed": "seed for data, shuffling and sampling",
     "num_training_gpus": "GPUs for training (0 = CPU)",
     "num_inference_gpus": "GPUs for the engine (0 = CPU)",
+    "inference_replicas": "engine processes serving the rollouts (the inference GPUs, or on CPU the cores, split "
+    "evenly between them)",
     "report_to": "none | wandb | mlflow | tensorboard",
     "run_dir": "where checkpoints, metrics and the summary go (default runs/multihop-<time>)",
     "resume": "RUN_DIR of a killed run: go on with it after its last saved step, with its own options",

@@ -209,10 +209,18 @@ class ReplicaSet:
         with self._adapter_lock:
             errors = self._on_live(lambda engine: engine.load_adapter(name, Path(path), policy))
             if errors:
-                self._on_live(lambda engine: engine.unload_adapter(name) if name in engine.adapters() else None)
+                self._on_live(lambda engine: self._undo_load(engine, name, policy))
                 raise errors[0]
             self._adapters[name] = Path(path)
             self._policy = name if policy else (None if name == self._policy else self._policy)
+
+    def _undo_load(self, engine: Engine, name: str, policy: bool) -> None:
+        """Take back a load that other replicas refused; a policy's by making the previous policy the policy again."""
+        if name not in engine.adapters():
+            return
+        if policy and self._policy not in (None, name):
+            engine.load_adapter(self._policy, self._adapters[self._policy], policy=True)
+        engine.unload_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
         with self._adapter_lock:

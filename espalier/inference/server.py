@@ -274,6 +274,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     path = resolve_model_path(args.model)
     engine = make_engine(path, args.engine, args.num_inference_gpus, args.engine_start_timeout, args.inference_replicas)
+    log.info("engine: %s, %d replica(s), %d inference GPU(s)", type(engine).__name__, args.inference_replicas,
+             args.num_inference_gpus)
     served = ServedModel(engine, args.model, aliases=(str(path),))
     if args.adapter is not None:
         served.publish(args.adapter)

