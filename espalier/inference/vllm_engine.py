@@ -151,12 +151,12 @@ class VLLMEngine:
         with self._lock:
             return self._served.get(adapter) or self._serve(adapter)
 
-    def _serve(self, name: str | None) -> str:
-        """Load the LoRA that serves adapter `name` (None: base) under a fresh vLLM name: the adapter itself, or with
-        a merged policy its difference from the policy."""
+    def _serve(self, name: str | None, path: Path | None = None) -> str:
+        """Load the LoRA that serves adapter `name` (None: base) under a fresh vLLM name: the adapter (at `path`, else
+        where it was loaded from) itself, or with a merged policy its difference from the policy."""
         self._version += 1
         served = f"{name or 'base'}~{self._version}"
-        path = self._adapters.get(name)
+        path = path if path is not None else self._adapters.get(name)
         if self._merged():
             path = difference_adapter(path, self._adapters[self._policy], self._diff_dir / served)
             rank = json.loads((path / "adapter_config.json").read_text())["r"]
@@ -259,9 +259,8 @@ class VLLMEngine:
             elif self.merge_policy:  # a difference from the policy, loaded on first use
                 self._unserve(self._served.pop(name, None))
             else:
-                previous = self._served.pop(name, None)
-                self._adapters[name] = path
-                self._serve(name)
+                previous = self._served.get(name)
+                self._serve(name, path)
                 self._unserve(previous)
                 self._policy = name if policy else self._policy
             self._adapters[name] = path

@@ -198,3 +198,25 @@ def test_cancel_aborts_the_vllm_request(vllm_served):
     assert errors and "cancelled" in str(errors[0])
     returned = int(re.search(r"returned (\d+) tokens", str(errors[0]))[1])
     assert returned < len(whole.token_ids)  # stopped early: the same seed runs to len(whole) tokens uncancelled
+
+
+def test_unmerged_engine_hot_loads_adapters_as_loras(tmp_path):
+    """`merge_policy=False` (the GPU default): the policy is a LoRA hot-loaded by name; reloading a name replaces it."""
+    from espalier.inference.vllm_engine import VLLMEngine
+    from espalier.models import DEFAULT_MODEL, materialize_model
+
+    engine = VLLMEngine(materialize_model(DEFAULT_MODEL), max_model_len=1024, start_timeout=600, merge_policy=False)
+    try:
+        served = ServedModel(engine, DEFAULT_MODEL)
+        [base] = engine.generate(request(engine), timeout=120)
+        served.publish(random_adapter(engine.model_path, tmp_path / "a", seed=1, scale=0.3))
+        [policy] = engine.generate(request(engine, adapter=served.policy), timeout=120)
+        assert policy.token_ids != base.token_ids
+        engine.load_adapter("again", tmp_path / "a")
+        engine.load_adapter("again", random_adapter(engine.model_path, tmp_path / "b", seed=2, scale=0.3))
+        [again] = engine.generate(request(engine, adapter="again"), timeout=120)
+        assert again.token_ids != policy.token_ids  # the second load replaced the first
+        with pytest.raises(EngineError, match="not loaded"):
+            engine.generate(request(engine, adapter="never"), timeout=120)
+    finally:
+        engine.close()
