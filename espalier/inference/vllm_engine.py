@@ -158,8 +158,8 @@ class VLLMEngine:
         served = f"{name or 'base'}~{self._version}"
         path = path if path is not None else self._adapters.get(name)
         if self._merged():
-            path = difference_adapter(path, self._adapters[self._policy], self._diff_dir / served)
-            rank = json.loads((path / "adapter_config.json").read_text())["r"]
+            rank = difference_adapter(path, self._adapters[self._policy], self._diff_dir / served)
+            path = self._diff_dir / served
             if rank > self.max_lora_rank:
                 raise EngineError(f"serving {name or 'the base model'} beside the merged policy takes a LoRA of rank "
                                   f"{rank} (its rank plus the policy's), above max_lora_rank={self.max_lora_rank}: "

@@ -63,11 +63,11 @@ def _checkpoint(model_dir: Path, load: bool = True) -> Iterator[tuple[str, torch
                 yield key, f.get_tensor(key) if load else None
 
 
-def difference_adapter(target: Path | None, policy: Path, into: Path) -> Path:
+def difference_adapter(target: Path | None, policy: Path, into: Path) -> int:
     """A peft LoRA adapter whose delta is delta(target) - delta(policy) (`target` None: the base model).
 
     Rank r_t + r_p per module: A = [A_t; A_p], B = [s_t B_t, -s_p B_p], alpha = rank (scale 1), zero-padded
-    to one rank so one `r` fits every module."""
+    to one rank so one `r` fits every module. Written to `into`; returns that rank."""
     from safetensors.torch import save_file
 
     t = read_adapter(target) if target is not None else {}
@@ -85,7 +85,7 @@ def difference_adapter(target: Path | None, policy: Path, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(into / "adapter_model.safetensors"))
     (into / "adapter_config.json").write_text(json.dumps(config))
-    return into
+    return rank
 
 
 def _stack(target: LoraFactors | None, policy: LoraFactors | None) -> tuple[torch.Tensor, torch.Tensor]:
