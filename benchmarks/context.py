@@ -22,6 +22,9 @@ from benchmarks.common import Section, Sizes
 # In run order: the sections that use an Espalier server first, so it can be stopped before the rest.
 SECTIONS = ("rollouts", "grpo_step", "scaling", "mismatch", "training", "sync", "memory")
 SERVER_SECTIONS = ("rollouts", "grpo_step", "scaling", "mismatch")
+# `--quick`: the headline figures in under 5 minutes on 2 cores (program runs/min with and without the
+# adapter, an ArborGRPO step's split, policy sync); scaling, mismatch and training vs TRL need `--only` or a full run.
+QUICK_SECTIONS = ("rollouts", "grpo_step", "sync", "memory")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """One full ArborGRPO step of the multi-hop recipe, its wall time split, and the server's memory peaks.
 
-`ArborGRPO.compile` runs `reps + 1` steps (the first is a warm-up) of ResearchHop on the
+`ArborGRPO.compile` runs `step_reps + 1` steps (the first is a warm-up) of ResearchHop on the
 synthetic world through Espalier's server with the job's adapter and sampling settings
 (`program.py`), with validation before the first step and after the last on a few dev claims.
 The split is read through public hooks only (`probes.py`): the compiler's `time/rollouts_s`
@@ -46,7 +46,7 @@ def compile_once(bench, server: dict, n_val: int) -> dict:
     s, provider, spans, adapter = bench.sizes, TimedProvider(), LMSpans(), make_adapter(STEP_ADAPTER)
     metric, program = Clock(JitteredMetric()), make_program(bench, make_lm(server, s.max_tokens, provider))
     program.search = search = Clock(bench.search)
-    steps = s.reps + 1
+    steps = s.step_reps + 1
     options = RunOptions(batch_size=s.batch, grad_accum=s.accum, max_tokens=s.max_tokens, steps=steps)
     compiler = ArborGRPO(
         metric=metric, num_dspy_examples_per_grpo_step=s.k, num_rollouts_per_grpo_step=s.G, exclude_demos=True,
@@ -167,7 +167,7 @@ def run(bench) -> Section:
         f"{type(make_adapter(STEP_ADAPTER)).__name__}, temperature {SAMPLING['temperature']:g}",
         ["part", "seconds (median)", "share"],
         rows,
-        [f"Median over {len(per_step)} steps after a warm-up step; job start (trainer process + model load) "
+        [f"{f'Median over {len(per_step)} steps' if len(per_step) > 1 else 'One step'} after a warm-up step; job start (trainer process + model load) "
          f"took {init:.1f} s once.",
          "LM requests in flight include HTTP and the server's work around the engine: compute is an upper bound.",
          f"Metric scores carry a jitter of < {JITTER:g}, so every group with a run that reached the metric trains "

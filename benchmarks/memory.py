@@ -86,7 +86,8 @@ class PeakSampler:
 
 
 def run(bench) -> Section:
-    """Collects the peaks measured by the rollouts, training and grpo_step sections (running them if needed)."""
+    """Collects the peaks measured by the grpo_step section (running it if needed), and by the rollouts and
+    training sections when this run measured them (`--quick` leaves training out)."""
     rows = []
     step = bench.section("grpo_step").data.get("memory_mb", {})
     engine = bench.grpo_engine
@@ -97,10 +98,10 @@ def run(bench) -> Section:
         rows.append(["Espalier's vLLM engine (its process tree)", fmt(step["engine"], 0), "same run"])
     rows.append(["Espalier trainer worker", fmt(step.get("trainer"), 0), "same run"])
     rows.append(["**Espalier, all of the above**", fmt(sum(step.values()), 0), "same run"])
-    training = bench.section("training").data
+    training = bench.results["training"].data if "training" in bench.results else {}
     for name, run_ in training.get("runs", {}).items():
         rows.append([f"trainer alone: {name}", fmt(run_.get("peak_rss_mb"), 0), "one process: load + train steps"])
-    rollouts = bench.section("rollouts").data
+    rollouts = bench.results["rollouts"].data if "rollouts" in bench.results else {}
     for name, run_ in rollouts.get("runs", {}).items():
         if run_.get("peak_rss_mb"):
             rows.append([f"generation: {name}", fmt(run_["peak_rss_mb"], 0), "rollouts section"])

@@ -17,7 +17,7 @@ from benchmarks.scaling import groups_of
 from espalier.precision import fast_bf16
 
 LIMITS = (
-    "One step's rollouts (sampled lengths vary); the engine decodes in fp32 and prefills in bf16 only where bf16 is "
+    "One step's rollouts (sampled lengths vary); the engine prefills and decodes in bf16 only where bf16 is "
     "faster, so with an fp32 engine the bf16 row shows the trainer's autocast error and the fp32 row the kernels' "
     "(batching, padding) error."
 )
@@ -71,7 +71,7 @@ def run(bench) -> Section:
                      f"{g['ratio_max_deviation']:.1e}"])
     table = Table(
         f"Sampler/trainer gap on one step of the job's rollouts ({s.k} claims x {s.G} runs, {bench.grpo_engine} "
-        f"engine, prefill in {'bf16' if job_bf16 else 'fp32'}, adapter active, T {SAMPLING['temperature']})",
+        f"engine, prefill and decode in {'bf16' if job_bf16 else 'fp32'}, adapter active, T {SAMPLING['temperature']})",
         ["trainer", "tokens", "mean |logp gap| (nats)", "tokens over 0.1 nats", "TIS weights capped at 2",
          "max |ratio - 1| at lr 0"],
         rows,

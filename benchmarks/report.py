@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +43,32 @@ def markdown(sections: list[Section], machine: dict[str, Any], mode: str, comman
     return "\n".join(head + body)
 
 
+def merge(page: str, old: str) -> str:
+    """This run's `page`, then the sections of the `old` page that it did not measure, in their order, each
+    still saying when and on what it was measured (the old page's header, unless the section says it itself)."""
+    head, parts = split_sections(page)
+    old_head, old_parts = split_sections(old)
+    lines = old_head.splitlines()
+    origin = " ".join(line.split(". Every figure")[0].rstrip(".") for line in lines if line.startswith("Measured "))
+    machine = " ".join(line.removeprefix("Machine: ").rstrip(".") for line in lines if line.startswith("Machine: "))
+    measured = {name for name, _ in parts}
+    kept = []
+    for name, text in old_parts:
+        if name in measured:
+            continue
+        heading, _, rest = text.partition("\n")
+        if origin and "\n_Measured" not in rest:  # a section measured apart says so itself
+            rest = f"\n_{origin}, on {machine or 'the machine of that run'} (an earlier run)._\n{rest}"
+        kept.append(f"{heading}\n{rest}")
+    return head + "\n".join(text.rstrip("\n") + "\n" for text in [*(t for _, t in parts), *kept])
+
+
+def split_sections(page: str) -> tuple[str, list[tuple[str, str]]]:
+    """(text before the first `## ` heading, [(section name, its text with the heading)])."""
+    head, *sections = re.split(r"(?m)^(?=## )", page)
+    return head, [(text[3:].partition("\n")[0].split(" (")[0].strip(), text) for text in sections]
+
+
 def _clean(value: Any) -> Any:
     """JSON without NaN/inf (they become null)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -68,9 +95,10 @@ def machine_name(machine: dict[str, Any]) -> str:
 
 def write(sections: list[Section], machine: dict[str, Any], mode: str, command: str, markdown_path: Path,
           results_dir: Path) -> tuple[Path, Path]:
-    """Write BENCHMARKS.md and the JSON record; returns both paths."""
+    """Write BENCHMARKS.md (keeping the sections this run did not measure) and the JSON record; returns both paths."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    markdown_path.write_text(markdown(sections, machine, mode, command, when))
+    page = markdown(sections, machine, mode, command, when)
+    markdown_path.write_text(merge(page, markdown_path.read_text()) if markdown_path.exists() else page)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"{time.strftime('%Y-%m-%d', time.gmtime())}-{machine_name(machine)}.json"
     if json_path.exists():  # a second run the same day keeps the first

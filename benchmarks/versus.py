@@ -29,6 +29,8 @@ from benchmarks.common import Sizes, Table, fmt, median
 from benchmarks.context import Bench, _stop_group
 from benchmarks.program import JOB, SAMPLING, generated_tokens, rollouts
 from benchmarks.report import markdown_table
+from benchmarks.rollouts import parameters, work_tokens
+from benchmarks.train_throughput import matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKTREE = "WORKTREE"
@@ -93,33 +95,47 @@ def measure(bench: Bench, servers: dict[str, dict], adapters: list[str], reps: i
         for adapter in adapters:
             for rev, server in servers.items():
                 sec, runs = step(bench, server, adapter, s.k, s.G)
-                sample = {"seconds": sec, "runs_per_min": 60 * len(runs) / sec, "tokens": generated_tokens(runs),
-                          "calls": sum(len(r.calls) for r in runs), "failed": sum(bool(r.failure) for r in runs)}
+                sample = {"seconds": sec, "runs": len(runs), "runs_per_min": 60 * len(runs) / sec, "tokens": generated_tokens(runs),
+                          "calls": sum(len(r.calls) for r in runs), "failed": sum(bool(r.failure) for r in runs),
+                          "work_tokens": work_tokens(runs)}
                 bench.log(f"[versus] {rev} {adapter} rep {rep}: {sample}")
                 samples.setdefault((rev, adapter), []).append(sample)
     return samples
 
 
-def table(samples: dict, revs: list[str]) -> Table:
+def ceiling_runs_per_min(sample: dict, peak_s_per_token: float) -> float:
+    """Runs/min if every token computed at least once (distinct prefixes) ran at the matmul peak, nothing else."""
+    return 60 * sample["runs"] / (sample["work_tokens"] * peak_s_per_token)
+
+
+def table(samples: dict, revs: list[str], peak: float, params: int) -> Table:
     s = JOB
     rows = []
+    peak_s_per_token = 2 * params / peak  # seconds per token at the peak
     for (rev, adapter), runs in samples.items():
         rpm = median([r["runs_per_min"] for r in runs])
         first = median([r["runs_per_min"] for r in samples[(revs[0], adapter)]])
+        share = median([r["work_tokens"] * peak_s_per_token / r["seconds"] for r in runs])
+        ceiling = median([ceiling_runs_per_min(r, peak_s_per_token) for r in runs])
         rows.append([rev, adapter, fmt(rpm), f"{rpm / first:.2f}x", fmt(median([r["tokens"] / r["seconds"] for r in runs])),
+                     f"{100 * share:.0f}%", f"{fmt(ceiling)} ({ceiling / first:.1f}x)",
                      fmt(median([r["calls"] for r in runs]), 0), fmt(median([r["failed"] for r in runs]), 0),
                      fmt(median([r["seconds"] for r in runs]), 1)])
     return Table(
         f"The job's rollouts by server revision: {s.examples_per_step} claims x {s.rollouts_per_example} runs of "
         f"ResearchHop (num_docs={s.num_docs}, num_hops={s.num_hops}), all in flight, up to {s.max_tokens} new "
         f"tokens per call, temperature {SAMPLING['temperature']:g}; adapter active unless `@base`",
-        ["server (revision:engine)", "adapter", "program runs/min", f"vs {revs[0]}", "generated tokens/s", "LM calls",
-         "failed runs", "seconds"],
+        ["server (revision:engine)", "adapter", "program runs/min", f"vs {revs[0]}", "generated tokens/s",
+         "share of matmul peak", f"runs/min at the peak (vs {revs[0]})", "LM calls", "failed runs", "seconds"],
         rows,
         [f"Median of {len(next(iter(samples.values())))} steps per row after a warm-up run; the rows of one "
          "repetition run one after another, every server started before the first.",
          "Client, data, adapter weights and sampling settings are this checkout's for every row: only the server "
-         "(engine) differs."])
+         "(engine) differs.",
+         f"Share of matmul peak: tokens computed at least once (distinct prefixes of every call's prompt and "
+         f"completion) x 2 x {params / 1e6:.0f}M parameters per second, over this run's matmul peak "
+         f"({peak / 1e9:.0f} GFLOP/s, the faster of bf16 and fp32). Runs/min at the peak: the same runs if those "
+         "FLOPs ran at the peak and nothing else took time (no attention, DSPy, BM25 or HTTP): a ceiling."])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             _stop_group(server["pid"])
-    print(markdown_table(table(samples, revs), "CPU"))
+    import torch
+
+    peak = max(matmul_peak(torch.bfloat16), matmul_peak(torch.float32))
+    print(markdown_table(table(samples, revs, peak, parameters(bench.model_dir)), "CPU"))
     return 0
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
 
+from espalier.flags import add_flags, from_args
 from espalier.recipes.multihop.job import RunOptions
 
 _HELP = {
@@ -51,12 +51,7 @@ _HELP = {
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train a recipe end to end", description="Train a recipe end to end.")
     p.add_argument("recipe", choices=["multihop"], help="the recipe (multihop: DSPy's multi-hop research)")
-    for f in fields(RunOptions):
-        if f.name == "extra_train_kwargs":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = {int: int, float: float}.get(type(f.default), str)
-        p.add_argument(flag, type=kind, default=f.default, help=f"{_HELP.get(f.name, '')} [default: {f.default}]")
+    add_flags(p, RunOptions, _HELP, skip=("extra_train_kwargs",))
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
 
@@ -85,23 +80,20 @@ def _eval_parser(sub) -> None:
                        description="Score a run's checkpoint (or a saved program.json) on a data split; prints recall "
                        "and format failures and writes one JSON line per example.")
     p.add_argument("target", help="a run directory (runs/multihop-...) or a saved program.json")
-    for f in fields(EvalOptions):
-        if f.name != "target":
-            kind = {int: int}.get(type(f.default), str)
-            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=_EVAL_HELP[f.name])
+    add_flags(p, EvalOptions, _EVAL_HELP, skip=("target",), show_default=False)
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
     from espalier.recipes.multihop.eval_job import EvalOptions, run_eval
 
-    run_eval(EvalOptions(**{f.name: getattr(args, f.name) for f in fields(EvalOptions)}))
+    run_eval(from_args(EvalOptions, args))
 
 
 def _run_multihop(args: argparse.Namespace) -> None:
     from espalier.recipes.multihop.job import run_multihop
 
-    run_multihop(RunOptions(**{f.name: getattr(args, f.name) for f in fields(RunOptions) if f.name != "extra_train_kwargs"}))
+    run_multihop(from_args(RunOptions, args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,24 +99,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         self.adapter = adapter
         self.train_kwargs = dict(train_kwargs or {})
         self.train_config = TrainConfig.from_kwargs(self.train_kwargs)
-        self.config = CompileConfig(
-            num_dspy_examples_per_grpo_step=num_dspy_examples_per_grpo_step,
-            num_rollouts_per_grpo_step=num_rollouts_per_grpo_step,
-            exclude_demos=exclude_demos,
-            num_train_steps=num_train_steps,
-            num_threads=num_threads,
-            use_train_as_val=use_train_as_val,
-            num_steps_for_val=num_steps_for_val,
-            report_train_scores=report_train_scores,
-            checkpoint=checkpoint,
-            seed=seed,
-            failure_score=float(failure_score),
-            format_failure_score=float(format_failure_score),
-            variably_invoked_predictor_grouping_mode=variably_invoked_predictor_grouping_mode,
-            variably_invoked_predictor_fill_strategy=variably_invoked_predictor_fill_strategy,
-            val_temperature=val_temperature,
-            run_dir=run_dir,
-        )
+        self.config = CompileConfig.from_arguments(locals())  # the arguments that are its fields, validated
         self.rng = random.Random(seed)  # draws the examples: the same order whatever the rollouts do
         self.fill_rng = random.Random(seed + 1)  # the grouping's random fill of variably invoked predictors
         self.history: list[dict[str, Any]] = []  # one record per step and per validation, for summaries

@@ -6,7 +6,7 @@ arguments around them and the combinations that cannot work, with messages that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 CHECKPOINT_MODES = ("single-best", "improvements", "last", "none")
@@ -16,22 +16,30 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 @dataclass(frozen=True)
 class CompileConfig:
-    num_dspy_examples_per_grpo_step: int = 1
-    num_rollouts_per_grpo_step: int = 1
-    exclude_demos: bool = False
-    num_train_steps: int = 100
-    num_threads: int = 6
-    use_train_as_val: bool = False
-    num_steps_for_val: int = 5
-    report_train_scores: bool = False
-    checkpoint: str = "single-best"
-    seed: int = 0
-    failure_score: float = 0.0
-    format_failure_score: float = -1.0
-    variably_invoked_predictor_grouping_mode: str = "truncate"
-    variably_invoked_predictor_fill_strategy: str | None = None
-    val_temperature: float = 0.0
-    run_dir: str | None = None
+    """`ArborGRPO`'s own arguments, as it was given them (its signature holds the defaults: `from_arguments`)."""
+
+    num_dspy_examples_per_grpo_step: int
+    num_rollouts_per_grpo_step: int
+    exclude_demos: bool
+    num_train_steps: int
+    num_threads: int
+    use_train_as_val: bool
+    num_steps_for_val: int
+    report_train_scores: bool
+    checkpoint: str
+    seed: int
+    failure_score: float
+    format_failure_score: float
+    variably_invoked_predictor_grouping_mode: str
+    variably_invoked_predictor_fill_strategy: str | None
+    val_temperature: float
+    run_dir: str | None
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any]) -> CompileConfig:
+        """The config of a call's arguments (`locals()` of `ArborGRPO.__init__`), scores as floats."""
+        given = {f.name: arguments[f.name] for f in fields(cls)}
+        return cls(**given | {k: float(given[k]) for k in ("failure_score", "format_failure_score")})
 
     def __post_init__(self) -> None:
         for name in ("num_dspy_examples_per_grpo_step", "num_train_steps", "num_threads", "num_steps_for_val"):

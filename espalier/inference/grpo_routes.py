@@ -145,7 +145,7 @@ def add_grpo_routes(app: FastAPI) -> None:
     from espalier.inference.server import _error, read_json
 
     served, settings = app.state.served, app.state.settings
-    limit = settings.max_body_bytes
+    limit = settings.options.max_body_bytes
     app.state.replaced = {}  # job_id -> the job_id of the job whose initialize ended it
     vocab = _vocab_size(served.engine.tokenizer, settings.model_path)
 
@@ -166,10 +166,10 @@ def add_grpo_routes(app: FastAPI) -> None:
         if not isinstance(model, str) or strip_prefix(model).partition("@")[0] not in served.aliases:
             raise UnknownModel(f"this server trains {served.model_id!r}, not {model!r}")
         kwargs, batches, resume = _train_kwargs(body), _batches_per_step(body), _resume(body)
-        device, processes, visible = training_placement(kwargs, settings.train_processes)
-        if resume is not None and resume[1] and resume[1] not in JobStore(settings.run_dir, resume[0]).saved_steps():
+        device, processes, visible = training_placement(kwargs, settings.options.train_processes)
+        if resume is not None and resume[1] and resume[1] not in JobStore(settings.options.run_dir, resume[0]).saved_steps():
             raise JobError(f"cannot resume job {resume[0]} at step {resume[1]}: this server's run directory "
-                           f"{settings.run_dir} holds no state saved after that step", 409)  # before ending a job
+                           f"{settings.options.run_dir} holds no state saved after that step", 409)  # before ending a job
         if settings.trainer_factory == DEFAULT_FACTORY:  # another factory (a stand-in trainer) checks its own config
             _check_config(kwargs)
         current: GRPOJob | None = app.state.job
@@ -177,11 +177,11 @@ def add_grpo_routes(app: FastAPI) -> None:
         if superseded:
             await run_in_threadpool(current.supersede, "a new initialize took over the server")
         options = JobOptions(
-            model_path=settings.model_path, run_dir=settings.run_dir, train_kwargs=kwargs,
+            model_path=settings.model_path, run_dir=settings.options.run_dir, train_kwargs=kwargs,
             device=device, batches_per_step=batches,
-            step_timeout=settings.request_timeout * 6, factory=settings.trainer_factory,
-            record_trained=settings.record_trained,
-            processes=processes, visible_devices=visible, resume=resume, nodes=settings.train_nodes,
+            step_timeout=settings.options.request_timeout * 6, factory=settings.trainer_factory,
+            record_trained=settings.options.record_trained,
+            processes=processes, visible_devices=visible, resume=resume, nodes=settings.options.nodes(),
         )
         job = await run_in_threadpool(GRPOJob, served, options)
         if superseded and current.state.job_id != job.state.job_id:

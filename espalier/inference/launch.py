@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from espalier.inference.server_options import ServerOptions, server_argv
 from espalier.ports import free_port
 
 _CHILDREN: list[subprocess.Popen] = []
@@ -72,18 +74,6 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def _server_args(model: str, engine: str, host: str, port: int, num_inference_gpus: int, **extra: Any) -> list[str]:
-    args = ["--model", model, "--engine", engine, "--host", host, "--port", str(port),
-            "--num-inference-gpus", str(num_inference_gpus)]
-    for key, value in extra.items():
-        flag = f"--{key.replace('_', '-')}"
-        if value is True:
-            args.append(flag)
-        elif value is not None and value is not False:
-            args += [flag, str(value)]
-    return args
-
-
 def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,64 +91,55 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
     raise TimeoutError(f"the espalier server was not healthy within {timeout:.0f} s:\n{tail}")
 
 
-def init(
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-    engine: str = "auto",
-    port: int | None = None,
-    host: str = "127.0.0.1",
-    api_key: str | None = None,
-    num_inference_gpus: int = 0,
-    timeout: float = 900.0,
-    run_dir: str | Path | None = None,
-    adapter: str | Path | None = None,
-    record_trained: bool = False,
-    train_processes: int | None = None,
-    inference_replicas: int = 1,
-) -> dict[str, Any]:
+def server_options(options: ServerOptions | None = None, **settings: Any) -> ServerOptions:
+    """`options` with `settings` (ServerOptions fields, e.g. model=, engine=, inference_replicas=) put in; a
+    setting of None keeps the default, paths may be strings. An unknown name is a TypeError naming the fields."""
+    known = {f.name for f in fields(ServerOptions)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown server settings {unknown}; the settings are {sorted(known)}")
+    given = {k: Path(v) if k in ("run_dir", "adapter") else v for k, v in settings.items() if v is not None}
+    return replace(options or ServerOptions(), **given)
+
+
+def init(model: str | None = None, options: ServerOptions | None = None, timeout: float = 900.0,
+         **settings: Any) -> dict[str, Any]:
     """Start `python -m espalier.inference.server` in the background and wait until it is healthy.
 
-    `record_trained=True` makes the trainer append every sequence it feeds to
-    `run_dir/trained/step-N.jsonl`, to audit what was trained. `train_processes=N` trains with
-    N CPU processes (torch distributed, gloo) instead of one; GPUs follow `num_training_gpus`.
-    `inference_replicas=N` serves from N engine processes (`--inference-replicas`)."""
-    port = port or free_port(host)
+    `settings` are the server's options (`ServerOptions`, the flags of `espalier serve`), e.g.
+    `init(model=..., engine="transformers", inference_replicas=2)`: `record_trained=True` makes the
+    trainer append every sequence it feeds to `run_dir/trained/step-N.jsonl`, `train_processes=N`
+    trains with N CPU processes (torch distributed, gloo). Here `port` defaults to a free port, the
+    key to $ESPALIER_API_KEY, `run_dir` to a new temporary directory, and `timeout` bounds the
+    engine's start and the wait for health."""
     _exit_on_sigterm()
-    api_key = api_key if api_key is not None else os.environ.get("ESPALIER_API_KEY")
-    log_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="espalier-serve-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "server.log"
-    args = _server_args(model, engine, host, port, num_inference_gpus, run_dir=log_dir, adapter=adapter,
-                        engine_start_timeout=timeout, record_trained=record_trained,
-                        train_processes=train_processes, inference_replicas=inference_replicas)
+    settings.setdefault("engine_start_timeout", timeout)
+    options = server_options(options, model=model, **settings)
+    if options.port == 0:
+        options = replace(options, port=free_port(options.host))
+    if options.api_key is None and os.environ.get("ESPALIER_API_KEY"):
+        options = replace(options, api_key=os.environ["ESPALIER_API_KEY"])
+    if settings.get("run_dir") is None and (options.run_dir == ServerOptions().run_dir):
+        options = replace(options, run_dir=Path(tempfile.mkdtemp(prefix="espalier-serve-")))
+    options.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = options.run_dir / "server.log"
     env = dict(os.environ)
-    if api_key:
-        env["ESPALIER_API_KEY"] = api_key  # not on the command line, where `ps` shows it
+    if options.api_key:
+        env["ESPALIER_API_KEY"] = options.api_key  # not on the command line, where `ps` shows it
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "espalier.inference.server", *args], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "espalier.inference.server", *server_argv(options)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _CHILDREN.append(proc)
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://{connect_host}:{port}"
+    connect_host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
+    url = f"http://{connect_host}:{options.port}"
     _wait_healthy(url, proc, log_path, timeout)
-    default_client_key(api_key)
-    return {"base_url": f"{url}/v1/", "port": port, "api_key": api_key, "model": model, "log": str(log_path),
-            "pid": proc.pid}
+    default_client_key(options.api_key)
+    return {"base_url": f"{url}/v1/", "port": options.port, "api_key": options.api_key, "model": options.model,
+            "log": str(log_path), "pid": proc.pid}
 
 
-def serve(
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-    engine: str = "auto",
-    port: int | None = None,
-    host: str = "127.0.0.1",
-    api_key: str | None = None,
-    num_inference_gpus: int = 0,
-    run_dir: str | Path | None = None,
-    adapter: str | Path | None = None,
-    inference_replicas: int = 1,
-) -> None:
-    """Run the server in the foreground until interrupted."""
-    from espalier.inference.server import serve_main
+def serve(model: str | None = None, options: ServerOptions | None = None, **settings: Any) -> None:
+    """Run the server in the foreground until interrupted; `settings` as for `init`."""
+    from espalier.inference.server import serve_forever
 
-    args = _server_args(model, engine, host, port or 0, num_inference_gpus, run_dir=run_dir, adapter=adapter,
-                        api_key=api_key, inference_replicas=inference_replicas)
-    serve_main(args)
+    serve_forever(server_options(options, model=model, **settings))

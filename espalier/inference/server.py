@@ -20,17 +20,15 @@ Departures from Arbor:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
-import os
 import re
 import secrets
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -42,25 +40,18 @@ from espalier.inference.chat import normalize_messages, prompt_ids
 from espalier.inference.engine import EngineError, EngineUnavailable
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.replicas import ReplicaSet
+from espalier.inference.server_options import ServerOptions, parse_server_options, server_parser
 from espalier.inference.serving import ServedModel, UnknownModel
-from espalier.training.distributed import DEFAULT_TIMEOUT_S
-
-if TYPE_CHECKING:
-    from espalier.training.distributed import TrainNodes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServerSettings:
-    api_key: str | None = None
-    max_body_bytes: int = 64 * 1024 * 1024
-    request_timeout: float = 600.0
-    run_dir: Path = Path("runs/serve")
+    """What the app reads: the process's options, the model's local path and the trainer the jobs build."""
+
+    options: ServerOptions = field(default_factory=ServerOptions)
     model_path: Path | None = None
-    record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/*.jsonl
-    train_processes: int = 0  # > 0: GRPO jobs train on this many CPU ranks (gloo) per node; 0 = from num_training_gpus
-    train_nodes: TrainNodes | None = None  # GRPO jobs train on several nodes that meet at this rendezvous
     trainer_factory: str = DEFAULT_FACTORY  # "module:callable" the GRPO worker builds its trainer with (tests: a fake)
 
 
@@ -136,7 +127,7 @@ class RequireKey:
 
 def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="espalier")
-    app.add_middleware(RequireKey, api_key=settings.api_key)
+    app.add_middleware(RequireKey, api_key=settings.options.api_key)
     app.add_middleware(CollapseSlashes)  # added last, so it runs first: the key check sees the collapsed path
     app.state.served = served
     app.state.settings = settings
@@ -184,7 +175,7 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
         cancel = threading.Event()
         request = replace(oa.sampling_request(body, prompt, adapter, served.engine.max_model_len, top_logprobs),
                           cancel=cancel)
-        work = asyncio.ensure_future(run_in_threadpool(served.generate, request, settings.request_timeout))
+        work = asyncio.ensure_future(run_in_threadpool(served.generate, request, settings.options.request_timeout))
         while not (await asyncio.wait({work}, timeout=DISCONNECT_POLL_S))[0]:
             if await http.is_disconnected():  # nobody will read the answer: stop generating it
                 cancel.set()
@@ -192,7 +183,7 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await read_json(request, settings.max_body_bytes)
+        body = await read_json(request, settings.options.max_body_bytes)
         try:
             messages = normalize_messages(body.get("messages"))
             prompt = prompt_ids(tokenizer, messages, bool(body.get("continue_final_message", False)))
@@ -203,7 +194,7 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request, settings.max_body_bytes)
+        body = await read_json(request, settings.options.max_body_bytes)
         prompt = oa.completion_prompt(body, tokenizer)
         model, seqs = await _generate(request, body, prompt, oa.completion_top_logprobs(body))
         return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") not in (None, False))
@@ -212,51 +203,6 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
 
     add_grpo_routes(app)
     return app
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="espalier serve", description="Serve a model (and its GRPO job) over HTTP.")
-    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="HF id, local HF dir or .gguf")
-    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0 = a free port")
-    p.add_argument("--api-key", default=os.environ.get("ESPALIER_API_KEY"))
-    p.add_argument("--num-inference-gpus", type=int, default=0)
-    p.add_argument("--inference-replicas", type=int, default=1, metavar="N",
-                   help="run N engine processes and spread requests over them (fewest in flight first); "
-                        "--num-inference-gpus is split evenly between them, CPU cores likewise. A replica that dies "
-                        "is restarted and its requests are retried on another; /health lists the replicas")
-    p.add_argument("--adapter", type=Path, default=None, help="serve this saved peft adapter as the current policy")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/serve"))
-    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--engine-start-timeout", type=float, default=900.0)
-    p.add_argument("--record-trained", action="store_true",
-                   help="append every sequence the trainer feeds to RUN_DIR/trained/step-N.jsonl (audits, tests)")
-    p.add_argument("--train-processes", type=int, default=0,
-                   help="train GRPO jobs on N CPU processes (gloo), for CPU clusters and tests; "
-                        "0 = follow the job's num_training_gpus")
-    p.add_argument("--train-nodes", type=int, default=1,
-                   help="train GRPO jobs on N nodes: this one (the head) and N-1 that run "
-                        "`torchrun ... -m espalier.inference.join` (needs --train-rdzv-endpoint)")
-    p.add_argument("--train-rdzv-endpoint", default=None, metavar="HOST:PORT",
-                   help="address of this machine where the other training nodes' torchrun meets it (--rdzv-endpoint)")
-    p.add_argument("--train-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="with --train-nodes: seconds a training collective waits for the other nodes before the "
-                        "job fails")
-    return p
-
-
-def train_nodes(args: argparse.Namespace) -> TrainNodes | None:
-    """The training nodes the flags ask for; None for this node alone. A half-given pair is a ValueError."""
-    from espalier.training.distributed import TrainNodes
-
-    if args.train_nodes == 1 and args.train_rdzv_endpoint is None:
-        return None
-    if args.train_rdzv_endpoint is None:
-        raise ValueError(f"--train-nodes {args.train_nodes} needs --train-rdzv-endpoint HOST:PORT, an address of "
-                         "this machine that the other nodes reach (the --rdzv-endpoint of their torchrun)")
-    return TrainNodes(args.train_rdzv_endpoint, args.train_nodes, timeout_s=args.train_timeout)
 
 
 def checkpoint_name(adapter: Path) -> str:
@@ -269,43 +215,52 @@ def checkpoint_name(adapter: Path) -> str:
     return directory.name
 
 
-def build_app(args: argparse.Namespace) -> FastAPI:
+def build_app(options: ServerOptions) -> FastAPI:
     from espalier.inference.factory import make_engine, resolve_model_path
 
-    path = resolve_model_path(args.model)
-    engine = make_engine(path, args.engine, args.num_inference_gpus, args.engine_start_timeout, args.inference_replicas)
-    log.info("engine: %s, %d replica(s), %d inference GPU(s)", type(engine).__name__, args.inference_replicas,
-             args.num_inference_gpus)
-    served = ServedModel(engine, args.model, aliases=(str(path),))
-    if args.adapter is not None:
-        served.publish(args.adapter)
-        served.add_checkpoint(checkpoint_name(args.adapter), args.adapter)  # a saved program's `<id>@<name>` works
-    settings = ServerSettings(args.api_key, args.max_body_bytes, args.request_timeout, args.run_dir, path,
-                              args.record_trained, train_processes=args.train_processes, train_nodes=train_nodes(args))
-    return create_app(served, settings)
+    path = resolve_model_path(options.model)
+    engine = make_engine(path, options.engine, options.num_inference_gpus, options.engine_start_timeout,
+                         options.inference_replicas)
+    log.info("engine: %s, %d replica(s), %d inference GPU(s)", type(engine).__name__, options.inference_replicas,
+             options.num_inference_gpus)
+    served = ServedModel(engine, options.model, aliases=(str(path),))
+    if options.adapter is not None:
+        served.publish(options.adapter)
+        served.add_checkpoint(checkpoint_name(options.adapter), options.adapter)  # a saved program's `<id>@<name>`
+    return create_app(served, ServerSettings(options, path))
 
 
 def serve_main(argv: list[str] | None = None) -> None:
-    """Run the server in the foreground (what `espalier serve` delegates to)."""
+    """`espalier serve`: parse the flags and run the server in the foreground; a wrong flag is a usage error."""
+    options = parse_server_options(argv)
+    try:
+        check(options)
+    except ValueError as e:
+        server_parser().error(str(e))
+    serve_forever(options)
+
+
+def check(options: ServerOptions) -> None:
+    """Before the model loads: settings that contradict each other are a ValueError naming the fix."""
+    from espalier.inference.factory import replica_gpus
+
+    options.nodes()
+    replica_gpus(options.num_inference_gpus, options.inference_replicas)
+
+
+def serve_forever(options: ServerOptions) -> None:
+    """Run the server in the foreground until interrupted."""
     import socket
 
     import uvicorn
 
-    from espalier.inference.factory import replica_gpus
-
+    check(options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:  # before the model loads: a wrong flag is a usage error that names the fix
-        train_nodes(args)
-        replica_gpus(args.num_inference_gpus, args.inference_replicas)
-    except ValueError as e:
-        parser.error(str(e))
-    app = build_app(args)
+    app = build_app(options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    print(f"espalier: serving {args.model} on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+    sock.bind((options.host, options.port))
+    print(f"espalier: serving {options.model} on http://{options.host}:{sock.getsockname()[1]}/v1", flush=True)
     try:
         # SIGTERM: requests in flight (a step's rollouts, a training step) get 10 s, then the server exits
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30,

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.common import Section, Sizes, Table
 from benchmarks.context import Bench
-from benchmarks.report import as_json, markdown, markdown_table
+from benchmarks.report import as_json, markdown, markdown_table, merge
 from benchmarks.train_throughput import LORA
 from benchmarks.training import espalier_steps, step_groups
 
@@ -31,6 +31,20 @@ def test_table_writer_renders_markdown_and_json():
     assert record["sections"]["demo"]["data"] == {"x": None, "y": [1.5, None]}
     with pytest.raises(ValueError, match="every row needs 2 cells"):
         markdown_table(Table("Bad", ["a", "b"], [["only one"]]))
+
+
+def test_a_partial_run_keeps_the_other_sections_with_their_origin():
+    def page(when: str, names: list[str], own: str = "") -> str:
+        sections = [Section(n, [Table(f"{n} at {when}", ["a"], [["1"]])], {}, seconds=1.0) for n in names]
+        return markdown(sections, MACHINE, "quick", f"bench {when}", when).replace("## c (CPU, 1 s)\n", own, 1)
+
+    old = page("monday", ["a", "b", "c"], own="## c (CPU, 1 s)\n\n_Measured sunday with `versus`._\n")
+    merged = merge(page("tuesday", ["b"]), old)
+    assert [line for line in merged.splitlines() if line.startswith("## ")] == [
+        "## b (CPU, 1 s)", "## a (CPU, 1 s)", "## c (CPU, 1 s)"]  # this run's first, then the rest in order
+    assert "b at tuesday" in merged and "b at monday" not in merged and "a at monday" in merged
+    assert "_Measured monday with `bench monday` (quick mode), on CPU: x86_64, 2 cores" in merged  # a's origin
+    assert merged.count("_Measured") == 2 and "_Measured sunday with `versus`._" in merged  # c says its own
 
 
 def test_espalier_training_steps_are_timed(tiny_llama_factory):

@@ -15,6 +15,7 @@ from espalier.inference.engine import Engine
 from espalier.inference.hf_engine import TransformersEngine
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.server import ServerSettings, create_app
+from espalier.inference.server_options import ServerOptions
 from espalier.inference.serving import ServedModel
 from espalier.models import tiny_llama
 from espalier.ports import free_port
@@ -76,8 +77,8 @@ def start_server(model_dir: Path, run_dir: Path, trainer_factory: str = DEFAULT_
     `trainer_factory`'s trainer."""
     engine = engine if engine is not None else TransformersEngine(model_dir)
     served = ServedModel(engine, MODEL_ID, aliases=(str(model_dir),))
-    settings = ServerSettings(api_key=API_KEY, max_body_bytes=200_000, request_timeout=300, run_dir=run_dir,
-                              model_path=model_dir, trainer_factory=trainer_factory)
+    options = ServerOptions(api_key=API_KEY, max_body_bytes=200_000, request_timeout=300, run_dir=run_dir)
+    settings = ServerSettings(options, model_dir, trainer_factory)
     app = create_app(served, settings)
     return served, ServerThread(app)
 

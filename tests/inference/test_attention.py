@@ -59,3 +59,23 @@ def test_attention_runs_in_the_cache_precision_under_bf16_autocast(tiny_chat_dir
     assert out.dtype == torch.float32 and out.shape == (2, 1, 4, 16)
     want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
     assert torch.allclose(out, want.transpose(1, 2), atol=1e-6)
+
+
+def test_decode_attention_over_a_padded_cache_view_matches_sdpa():
+    """A decode step reads a cache with spare columns (a view) and left padding, with a boolean or an additive
+    mask: the same as SDPA on repeated heads in fp32; a bf16 cache stays within bf16 rounding."""
+    from espalier.inference.attention import decode_attention
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 6, 1, 16, generator=g)
+    k_buf, v_buf = torch.randn(3, 2, 20, 16, generator=g), torch.randn(3, 2, 20, 16, generator=g)
+    k, v = k_buf[:, :, :9], v_buf[:, :, :9]  # 9 filled columns of 20
+    allowed = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    allowed[1, ..., :4] = allowed[2, ..., :7] = False  # left padding
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=allowed).transpose(1, 2)
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (allowed, additive):
+        assert torch.allclose(decode_attention(q, k, v, mask), want, atol=1e-6)
+    low = decode_attention(q, k.bfloat16(), v.bfloat16(), allowed)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), want, atol=3e-2)

@@ -263,10 +263,21 @@ def test_bf16_engine_decodes_batched_as_alone_and_close_to_fp32(tiny_chat_dir, t
         assert_same(bf16, one_at_a_time(fast, requests))
         longer = [greedy(list(r.prompt_ids), 6, "policy") for r in requests]
         # bf16 matmuls round differently with the batch's row count: same tokens, log-probs within bf16 rounding
-        assert_same(concurrently(fast, longer), one_at_a_time(fast, longer), tol=5e-3)
+        batched = concurrently(fast, longer)
+        assert_same(batched, one_at_a_time(fast, longer), tol=5e-3)
+        for request, (got,) in zip(longer, batched, strict=True):  # every decoded token near the exact fp32 model's
+            exact_lp = exact_logprobs(exact, request.prompt_ids, got.token_ids)
+            assert max(abs(a - b) for a, b in zip(got.logprobs, exact_lp, strict=True)) < 0.05
     finally:
         fast.close()
         exact.close()
+
+
+def exact_logprobs(engine: TransformersEngine, prompt: tuple[int, ...], tokens: tuple[int, ...]) -> list[float]:
+    """Log-probs of `tokens` after `prompt` from one fp32 forward pass of the engine's model as it stands."""
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([[*prompt, *tokens]])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
 
 
 def test_adapters_the_engine_cannot_merge_are_refused_with_the_fix(tiny_chat_dir, tmp_path):

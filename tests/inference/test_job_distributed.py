@@ -131,7 +131,7 @@ def test_gpus_this_machine_lacks_are_a_400_naming_the_fix(server):
 
 def test_placement_follows_the_device_plan():
     from espalier.inference.job import JobError, training_placement
-    from espalier.inference.server import build_parser
+    from espalier.inference.server_options import parse_server_options
 
     assert training_placement({}, available=0) == ("cpu", 1, None)
     assert training_placement({"num_training_gpus": 1, "num_inference_gpus": 1}, available=2) == ("cuda:1", 1, None)
@@ -139,4 +139,4 @@ def test_placement_follows_the_device_plan():
     assert training_placement({}, train_processes=2, available=4) == ("cpu", 2, "")  # CPU ranks see no GPU
     with pytest.raises(JobError, match="at most 4"):
         training_placement({"num_training_gpus": 5}, available=4)
-    assert build_parser().parse_args(["--train-processes", "2"]).train_processes == 2
+    assert parse_server_options(["--train-processes", "2"]).train_processes == 2

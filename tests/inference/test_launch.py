@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -122,3 +124,17 @@ def test_sigterm_lets_a_request_in_flight_finish(tiny_chat_dir, tmp_path):
         psutil.Process(info["pid"]).wait(timeout=30)  # exits; psutil.TimeoutExpired otherwise
     finally:
         launch.shutdown()
+
+
+def test_init_takes_the_server_flags_by_name_and_refuses_others():
+    from dataclasses import fields
+
+    from espalier.inference.launch import server_options
+    from espalier.inference.server_options import ServerOptions, server_parser
+
+    flags = {a.dest for a in server_parser()._actions} - {"help"}
+    assert flags == {f.name for f in fields(ServerOptions)}  # every flag is a field, every field a flag
+    options = server_options(model="m", run_dir="/tmp/r", train_processes=None)  # None keeps the default
+    assert options.run_dir == Path("/tmp/r") and options.train_processes == 0
+    with pytest.raises(TypeError, match="unknown server settings \\['gpus'\\]"):
+        server_options(gpus=2)

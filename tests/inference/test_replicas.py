@@ -21,9 +21,9 @@ from espalier.inference.chat import prompt_ids
 from espalier.inference.engine import EngineError, GenerateRequest
 from espalier.inference.factory import make_engine, replica_gpus
 from espalier.inference.hf_engine import TransformersEngine
-from espalier.inference.launch import _server_args
+from espalier.inference.launch import server_options
 from espalier.inference.replicas import ReplicaSet
-from espalier.inference.server import build_parser
+from espalier.inference.server_options import parse_server_options, server_argv
 
 pytestmark = pytest.mark.slow  # starts engine processes (about 15 s on 2 cores)
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -72,9 +72,9 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def test_the_flag_is_written_once_and_gpus_split_evenly():
-    assert build_parser().parse_args([]).inference_replicas == 1
-    args = build_parser().parse_args(_server_args("m", "auto", "127.0.0.1", 0, 0, inference_replicas=3))
-    assert args.inference_replicas == 3
+    assert parse_server_options([]).inference_replicas == 1
+    options = server_options(model="m", inference_replicas=3, run_dir="/tmp/x")
+    assert parse_server_options(server_argv(options)) == options  # init's keywords -> flags -> the same options
     assert replica_gpus(4, 2) == [(0, 1), (2, 3)] and replica_gpus(0, 3) == [(), (), ()]
     with pytest.raises(ValueError, match="multiple"):
         replica_gpus(3, 2)

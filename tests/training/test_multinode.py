@@ -214,10 +214,10 @@ def test_join_exits_0_when_the_job_is_refused_for_its_config(monkeypatch: pytest
 
 
 def test_node_flags_are_checked_and_name_the_fix() -> None:
-    from espalier.inference.server import build_parser, train_nodes
+    from espalier.inference.server_options import parse_server_options
 
     def nodes(*argv: str) -> TrainNodes | None:
-        return train_nodes(build_parser().parse_args(list(argv)))
+        return parse_server_options(list(argv)).nodes()
 
     assert nodes() is None
     assert nodes("--train-nodes", "3", "--train-rdzv-endpoint", "10.0.0.1:29500") == TrainNodes("10.0.0.1:29500", 3)
