@@ -48,7 +48,8 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grown(self, old: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
-        buf = new.new_empty((*new.shape[:2], capacity(needed), new.shape[-1]))  # (B, H, capacity, D)
+        # (B, H, capacity, D) in the cache's dtype: under bf16 autocast a step's values arrive in bf16
+        buf = new.new_empty((*new.shape[:2], capacity(needed), new.shape[-1]), dtype=self.dtype)
         if old is not None and self._n:
             buf[:, :, : self._n] = old[:, :, : self._n]
         return buf

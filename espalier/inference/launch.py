@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from espalier.inference.server_options import ServerOptions, server_argv
+from espalier.inference.server_options import ServerOptions, server_argv, with_env_key
 from espalier.ports import free_port
 
 _CHILDREN: list[subprocess.Popen] = []
@@ -92,14 +92,15 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
 
 
 def server_options(options: ServerOptions | None = None, **settings: Any) -> ServerOptions:
-    """`options` with `settings` (ServerOptions fields, e.g. model=, engine=, inference_replicas=) put in; a
-    setting of None keeps the default, paths may be strings. An unknown name is a TypeError naming the fields."""
+    """`options` with `settings` (ServerOptions fields, e.g. model=, engine=, inference_replicas=) put in, and
+    the key from $ESPALIER_API_KEY when none is given; a setting of None keeps the default. An unknown name is
+    a TypeError naming the fields."""
     known = {f.name for f in fields(ServerOptions)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"unknown server settings {unknown}; the settings are {sorted(known)}")
-    given = {k: Path(v) if k in ("run_dir", "adapter") else v for k, v in settings.items() if v is not None}
-    return replace(options or ServerOptions(), **given)
+    given = {k: v for k, v in settings.items() if v is not None}
+    return with_env_key(replace(options or ServerOptions(), **given))
 
 
 def init(model: str | None = None, options: ServerOptions | None = None, timeout: float = 900.0,
@@ -113,14 +114,12 @@ def init(model: str | None = None, options: ServerOptions | None = None, timeout
     key to $ESPALIER_API_KEY, `run_dir` to a new temporary directory, and `timeout` bounds the
     engine's start and the wait for health."""
     _exit_on_sigterm()
-    settings.setdefault("engine_start_timeout", timeout)
+    if options is None:  # init's own defaults: `timeout` for the engine's start too, a fresh run directory
+        settings.setdefault("engine_start_timeout", timeout)
+        settings["run_dir"] = settings.get("run_dir") or tempfile.mkdtemp(prefix="espalier-serve-")
     options = server_options(options, model=model, **settings)
     if options.port == 0:
         options = replace(options, port=free_port(options.host))
-    if options.api_key is None and os.environ.get("ESPALIER_API_KEY"):
-        options = replace(options, api_key=os.environ["ESPALIER_API_KEY"])
-    if settings.get("run_dir") is None and (options.run_dir == ServerOptions().run_dir):
-        options = replace(options, run_dir=Path(tempfile.mkdtemp(prefix="espalier-serve-")))
     options.run_dir.mkdir(parents=True, exist_ok=True)
     log_path = options.run_dir / "server.log"
     env = dict(os.environ)

@@ -46,7 +46,7 @@ from espalier.inference.serving import ServedModel, UnknownModel
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class ServerSettings:
     """What the app reads: the process's options, the model's local path and the trainer the jobs build."""
 

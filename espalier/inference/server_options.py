@@ -62,6 +62,12 @@ class ServerOptions:
         "with --train-nodes: seconds a training collective waits for the other nodes before the job fails "
         "(default: torch's 30 minutes)"))
 
+    def __post_init__(self) -> None:  # paths may be given as strings (`init(run_dir="...")`)
+        for name in ("run_dir", "adapter"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
     def nodes(self) -> TrainNodes | None:
         """The training nodes asked for; None for this node alone. A half-given pair is a ValueError."""
         from espalier.training.distributed import TrainNodes
@@ -82,11 +88,14 @@ def server_parser() -> argparse.ArgumentParser:
 
 
 def parse_server_options(argv: list[str] | None = None) -> ServerOptions:
-    """The options of `argv` (the key from $ESPALIER_API_KEY when not given); a bad flag exits with usage."""
-    parser = server_parser()
-    options = from_args(ServerOptions, parser.parse_args(argv))
+    """The options of `argv`, the key from $ESPALIER_API_KEY when not given; a bad flag exits with usage."""
+    return with_env_key(from_args(ServerOptions, server_parser().parse_args(argv)))
+
+
+def with_env_key(options: ServerOptions) -> ServerOptions:
+    """`options`, with $ESPALIER_API_KEY as the key when none is given."""
     if options.api_key is None and os.environ.get("ESPALIER_API_KEY"):
-        options = replace(options, api_key=os.environ["ESPALIER_API_KEY"])
+        return replace(options, api_key=os.environ["ESPALIER_API_KEY"])
     return options
 
 

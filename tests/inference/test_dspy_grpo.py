@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dspy
 import pytest
 from serving_fixtures import API_KEY, MODEL_ID, start_server, stop_server
@@ -49,7 +51,8 @@ def test_dspy_grpo_groups_stay_per_invocation_when_the_first_parse_fails(tiny_ch
     from dspy.teleprompt.grpo import GRPO
 
     served, server = start_server(tiny_chat_dir, tmp_path / "run")
-    server.server.config.app.state.settings.record_trained = True
+    settings = server.server.config.app.state.settings
+    settings.options = replace(settings.options, record_trained=True)
     try:
         lm = dspy.LM(f"openai/arbor:{MODEL_ID}", provider=ArborProvider(), api_base=f"{server.url}/v1/",
                      api_key=API_KEY, temperature=1.0, max_tokens=8, cache=False)

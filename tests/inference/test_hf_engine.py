@@ -290,3 +290,14 @@ def test_adapters_the_engine_cannot_merge_are_refused_with_the_fix(tiny_chat_dir
     (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match="--engine vllm"):
         read_adapter(path)
+
+
+def test_a_growing_cache_keeps_its_dtype_when_a_step_arrives_in_bf16():
+    """Under bf16 autocast a decode step's values come out in bf16: the fp32 cache stays fp32 as it grows."""
+    from espalier.inference.kv import GrowingLayer
+
+    layer = GrowingLayer()
+    layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    for _ in range(100):  # past the spare columns: the buffers are reallocated
+        keys, values = layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4, dtype=torch.bfloat16))
+    assert keys.dtype == values.dtype == torch.float32 and keys.shape[-2] == 103

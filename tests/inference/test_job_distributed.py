@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,11 @@ class DyingTrainer:
         time.sleep(600)  # rank 0 would wait in a collective; the launcher must end it
 
 
+def configure(app, **options) -> None:
+    """Change the server's options (ServerOptions fields) for the next initialize."""
+    app.state.settings.options = replace(app.state.settings.options, **options)
+
+
 def post(url: str, route: str, body: dict) -> httpx.Response:
     from serving_fixtures import API_KEY
 
@@ -62,8 +68,8 @@ def server(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _train_one_step(app, url: str, run_dir: Path, processes: int) -> dict[str, torch.Tensor]:
-    app.state.settings.train_processes = processes
-    app.state.settings.record_trained = processes > 1  # rank r > 0 records its share to step-N.rank<r>.jsonl
+    # rank r > 0 records its share to step-N.rank<r>.jsonl
+    configure(app, train_processes=processes, record_trained=processes > 1)
     r = post(url, "initialize", {"model": MODEL_ID, "trainer_config": TRAINER_CONFIG})
     assert r.status_code == 200, r.text
     job_id = r.json()["job_id"]
@@ -88,7 +94,7 @@ def test_two_cpu_ranks_publish_the_adapter_one_process_trains(server):
     assert two.keys() == one.keys() and any(t.abs().max() > 0 for t in one.values())
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
-    app.state.settings.record_trained = False
+    configure(app, record_trained=False)
 
 
 @pytest.mark.slow
@@ -99,7 +105,7 @@ def test_a_dying_rank_is_restarted_then_fails_the_job(server):
     from espalier.inference.job_worker import DEFAULT_FACTORY
 
     app, url, _ = server
-    app.state.settings.train_processes = 2
+    configure(app, train_processes=2)
     app.state.settings.trainer_factory = f"{__name__}:DyingTrainer"
     try:
         job_id = post(url, "initialize", {"model": MODEL_ID}).json()["job_id"]
@@ -112,18 +118,18 @@ def test_a_dying_rank_is_restarted_then_fails_the_job(server):
         assert post(url, "status", {"job_id": job_id}).json()["status"] == "failed"
     finally:
         app.state.settings.trainer_factory = DEFAULT_FACTORY
-        app.state.settings.train_processes = 0
+        configure(app, train_processes=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without CUDA")
 def test_gpus_this_machine_lacks_are_a_400_naming_the_fix(server):
     app, url, _ = server
     for train_processes in (0, 2):
-        app.state.settings.train_processes = train_processes
+        configure(app, train_processes=train_processes)
         r = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"num_training_gpus": 1}})
         assert r.status_code == 400, r.text
         assert "set it to" in r.json()["error"]["message"] and "num_training_gpus" in r.json()["error"]["message"]
-    app.state.settings.train_processes = 0
+    configure(app, train_processes=0)
     r = post(url, "initialize", {"model": MODEL_ID, "gpu_config": {"multi": {"num_training_gpus": 2}}})
     assert r.status_code == 400 and "0 = CPU" in r.json()["error"]["message"]
     assert app.state.job is None or app.state.job.state.status != "running"

@@ -76,7 +76,7 @@ def test_merged_policy_serves_what_its_lora_means(vllm_served, tmp_path):
     assert engine.merge_policy  # CPU
     adapters = {"first": random_adapter(engine.model_path, tmp_path / "first", seed=3, scale=0.05),
                 "second": random_adapter(engine.model_path, tmp_path / "second", seed=4, scale=0.05)}
-    exact = TransformersEngine(engine.model_path)  # fp32 decode; the reference
+    exact = TransformersEngine(engine.model_path, prefill_bf16=False, decode_bf16=False)  # fp32: the reference
     for name, path in adapters.items():
         exact.load_adapter(name, path)
         vllm_served.add_checkpoint(name, path)
