@@ -81,6 +81,13 @@ def optimizer_seconds(status: dict, groups) -> float:
     return total
 
 
+def old_logprob_seconds(status: dict) -> float:
+    """The trainer's no-grad forward passes for the pre-update log-probs of the step's later optimizer steps
+    (every step metric of a train step carries the step's total)."""
+    metrics = status.get("metrics", [])
+    return float((metrics[0].get("extra") or {}).get("time/old_logprobs_s") or 0.0) if metrics else 0.0
+
+
 def samples(groups) -> list:
     """The groups' samples in the trainer's order: group by group."""
     return [x for g in groups for x in g.samples]
@@ -109,13 +116,15 @@ def split(run: dict) -> list[dict[str, float]]:
         lm = run["spans"].busy(start, end)
         status = jobs[i][3]
         compute = optimizer_seconds(status, run["marks"]["groups"][i])
+        old = old_logprob_seconds(status)
         swap = (status.get("last_swap_ms") or 0.0) / 1000
         parts.append({
             "rollouts: LM requests in flight": lm,
             "rollouts: rest (DSPy, BM25, scoring, threads)": h["time/rollouts_s"] - lm,
             "training: optimizer steps": compute,
+            "training: pre-update log-probs (ratios of later optimizer steps)": old,
             "sync: adapter hot-load into the engine": swap,
-            "job: batch upload, adapter export, IPC": h["time/train_s"] - compute - swap,
+            "job: batch upload, adapter export, IPC": h["time/train_s"] - compute - old - swap,
             "scoring (metric, summed over threads)": run["metric"].within(start, end),
             "BM25 search (summed over threads)": run["search"].within(start, end),
         })
@@ -140,13 +149,14 @@ def rows_of(parts: dict[str, float], val_s: float, val_lm: float, n_val: int) ->
     """(table rows, total seconds per step, of which not model compute)."""
     walltime = sum(v for k, v in parts.items() if "summed" not in k)
     total = walltime + val_s / VAL_EVERY
-    compute = parts["rollouts: LM requests in flight"] + parts["training: optimizer steps"] + val_lm / VAL_EVERY
+    training = sum(v for k, v in parts.items() if k.startswith("training:"))
+    compute = parts["rollouts: LM requests in flight"] + training + val_lm / VAL_EVERY
     rows = [[k, fmt(v, 2), f"{100 * v / total:.0f}%" if "summed" not in k else "(inside rollouts)"]
             for k, v in parts.items()]
     rows.append([f"validation: 1/{VAL_EVERY} of a pass over {n_val} dev claims (greedy)", fmt(val_s / VAL_EVERY, 2),
                  f"{100 * val_s / VAL_EVERY / total:.0f}%"])
     rows.append(["**total per step**", fmt(total, 2), "100%"])
-    rows.append(["**not model compute** (total - LM in flight - optimizer steps)", fmt(total - compute, 2),
+    rows.append(["**not model compute** (total - LM in flight - training)", fmt(total - compute, 2),
                  f"**{100 * (total - compute) / total:.0f}%**"])
     return rows, total, total - compute
 

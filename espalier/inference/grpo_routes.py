@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
 from espalier.inference.arbor_batch import check_groups, groups_from_batch
+from espalier.inference.http_io import error_response, read_json
 from espalier.inference.job import GRPOJob, JobError, JobOptions, training_placement
 from espalier.inference.job_store import JobStore
 from espalier.inference.job_worker import DEFAULT_FACTORY
@@ -142,16 +143,14 @@ def _groups(body: dict[str, Any], tokenizer, vocab_size: int, max_model_len: int
 
 
 def add_grpo_routes(app: FastAPI) -> None:
-    from espalier.inference.server import _error, read_json
-
     served, settings = app.state.served, app.state.settings
     limit = settings.options.max_body_bytes
     app.state.replaced = {}  # job_id -> the job_id of the job whose initialize ended it
     vocab = _vocab_size(served.engine.tokenizer, settings.model_path)
 
     @app.exception_handler(JobError)
-    async def job_error(_: Request, e: JobError):
-        return _error(e.status, str(e))
+    async def joberror_response(_: Request, e: JobError):
+        return error_response(e.status, str(e))
 
     starting = asyncio.Lock()  # two initialize calls at once: the second supersedes the first, never both run
 

@@ -21,23 +21,21 @@ Departures from Arbor:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
-import secrets
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from espalier.inference import openai_api as oa
 from espalier.inference.chat import normalize_messages, prompt_ids
 from espalier.inference.engine import EngineError, EngineUnavailable
+from espalier.inference.grpo_routes import add_grpo_routes
+from espalier.inference.http_io import CollapseSlashes, RequireKey, error_response, read_json
 from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.replicas import ReplicaSet
 from espalier.inference.server_options import ServerOptions, parse_server_options, server_parser
@@ -55,74 +53,7 @@ class ServerSettings:
     trainer_factory: str = DEFAULT_FACTORY  # "module:callable" the GRPO worker builds its trainer with (tests: a fake)
 
 
-BODY_READ_TIMEOUT = 30.0  # seconds a client may pause while sending its body
 DISCONNECT_POLL_S = 0.5  # how often a generating request checks that its client is still there
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, read chunk by chunk: a 413 as soon as it passes `limit` (declared or not), a 408 on a stalled client."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise oa.BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}", None, 413)
-    chunks, size, stream = [], 0, request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(anext(stream), BODY_READ_TIMEOUT)
-        except StopAsyncIteration:
-            return b"".join(chunks)
-        except TimeoutError as e:
-            raise oa.BadRequest(f"the body stalled for {BODY_READ_TIMEOUT:.0f} s; send it whole", None, 408) from e
-        size += len(chunk)
-        if size > limit:
-            raise oa.BadRequest(f"request body exceeds the limit of {limit} bytes", None, 413)
-        chunks.append(chunk)
-
-
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    body = await read_body(request, limit)
-    if not body.strip():
-        return {}
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise oa.BadRequest(f"malformed JSON body: {e}") from e
-    except RecursionError as e:
-        raise oa.BadRequest("the JSON body is nested too deeply") from e
-    if not isinstance(data, dict):
-        raise oa.BadRequest("the JSON body must be an object")
-    return data
-
-
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(oa.error_body(message, status, param), status_code=status)
-
-
-class CollapseSlashes:
-    """ASGI middleware: `//` in a request path is `/` (see departure 5)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and "//" in scope["path"]:
-            scope = dict(scope, path=re.sub("/{2,}", "/", scope["path"]))
-        await self.app(scope, receive, send)
-
-
-class RequireKey:
-    """ASGI middleware: every route but `/health` needs `Authorization: Bearer <key>` (constant-time compare).
-    Plain ASGI, not `@app.middleware`, so a route still sees its client disconnect."""
-
-    def __init__(self, app, api_key: str | None) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.expected is not None and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
 
 
 def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
@@ -136,24 +67,24 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(oa.BadRequest)
     async def bad_request(_: Request, e: oa.BadRequest):
-        return _error(e.status, str(e), e.param)
+        return error_response(e.status, str(e), e.param)
 
     @app.exception_handler(UnknownModel)
     async def unknown_model(_: Request, e: UnknownModel):
-        return _error(404, str(e.args[0]), "model")
+        return error_response(404, str(e.args[0]), "model")
 
     @app.exception_handler(EngineUnavailable)
     async def engine_down(_: Request, e: EngineUnavailable):
-        return _error(503, f"the engine is unavailable: {e}; retry shortly, it is being restarted")
+        return error_response(503, f"the engine is unavailable: {e}; retry shortly, it is being restarted")
 
     @app.exception_handler(EngineError)
-    async def engine_error(_: Request, e: EngineError):
-        return _error(500, str(e))
+    async def engineerror_response(_: Request, e: EngineError):
+        return error_response(500, str(e))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception):
         log.exception("unhandled error")
-        return _error(500, f"internal error: {type(e).__name__}: {e}")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.get("/health")
     async def health():
@@ -198,8 +129,6 @@ def create_app(served: ServedModel, settings: ServerSettings) -> FastAPI:
         prompt = oa.completion_prompt(body, tokenizer)
         model, seqs = await _generate(request, body, prompt, oa.completion_top_logprobs(body))
         return oa.completion_response(model, prompt, seqs, tokenizer, body.get("logprobs") not in (None, False))
-
-    from espalier.inference.grpo_routes import add_grpo_routes
 
     add_grpo_routes(app)
     return app

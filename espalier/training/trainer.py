@@ -129,10 +129,12 @@ class GRPOTrainer:
         room = math.inf if cfg.max_steps is None else max(cfg.max_steps - self.optimizer_steps, 0)
         trained, skipped = batches[: int(min(room, len(batches)))], batches[int(min(room, len(batches))) :]
         plans = [self._micro_batches(sequences, batch) for batch in trained]
+        start = time.perf_counter()
         old = self._old_logprobs(sequences, [mb for plan in plans[1:] for mb in plan])
+        old_s = time.perf_counter() - start  # the step's pre-update forward passes, outside every optimizer step
         metrics = [self._optimizer_step(sequences, batch, plan, old) for batch, plan in zip(trained, plans, strict=True)]
         extra = {"dropped_long_prompts": float(truncation.prompts), "truncated_completions": float(truncation.completions),
-                 "masked_truncated_completions": float(truncation.masked)}
+                 "masked_truncated_completions": float(truncation.masked), "time/old_logprobs_s": old_s}
         if skipped or room == 0:
             extra |= {"max_steps_reached": 1.0, "sequences_not_trained": float(sum(len(b) for b in skipped))}
         if truncation.prompts:

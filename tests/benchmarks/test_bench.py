@@ -168,6 +168,7 @@ def test_grpo_step_section_trains_every_sequence_on_a_tiny_model(tiny_llama_fact
     table = section.tables[0]
     assert "FieldwiseChatAdapter" in table.title and f"temperature {SAMPLING['temperature']:g}" in table.title
     assert section.data["trained_share"] == 1.0 and section.data["parts"]["training: optimizer steps"] > 0
+    assert section.data["parts"]["training: pre-update log-probs (ratios of later optimizer steps)"] >= 0
     assert all(h["groups/no_variance_share"] == 0.0 for h in section.data["history"])
     assert len(section.data["per_step"]) == Sizes.tiny().step_reps
 

@@ -237,14 +237,14 @@ def _raw(url: str, head: str, chunks: list[bytes], wait: float = 0.0) -> bytes:
 
 
 def test_a_chunked_body_over_the_limit_is_413_and_a_stalled_body_408(server, monkeypatch):
-    import espalier.inference.server as server_module
+    import espalier.inference.http_io as http_io
 
     auth = f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"
     piece = b"x" * 65536
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * 8 + [b"0\r\n\r\n"]  # 512 KiB, no Content-Length
     assert _raw(server, head, chunks).startswith(b"HTTP/1.1 413")
-    monkeypatch.setattr(server_module, "BODY_READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(http_io, "BODY_READ_TIMEOUT", 1.0)
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 100\r\n\r\n"
     assert _raw(server, head, [b'{"model": '], wait=2.0).startswith(b"HTTP/1.1 408")
     assert greedy(server)  # and the server still answers
