@@ -26,13 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from espalier.inference.server_options import ServerOptions, server_argv, with_env_key
+from espalier.inference.server_options import ServerOptions, server_argv, server_options
 from espalier.ports import free_port
 
 _CHILDREN: list[subprocess.Popen] = []
@@ -89,18 +89,6 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
     _stop(proc)
     tail = log_path.read_text(errors="replace")[-4000:]
     raise TimeoutError(f"the espalier server was not healthy within {timeout:.0f} s:\n{tail}")
-
-
-def server_options(options: ServerOptions | None = None, **settings: Any) -> ServerOptions:
-    """`options` with `settings` (ServerOptions fields, e.g. model=, engine=, inference_replicas=) put in, and
-    the key from $ESPALIER_API_KEY when none is given; a setting of None keeps the default. An unknown name is
-    a TypeError naming the fields."""
-    known = {f.name for f in fields(ServerOptions)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise TypeError(f"unknown server settings {unknown}; the settings are {sorted(known)}")
-    given = {k: v for k, v in settings.items() if v is not None}
-    return with_env_key(replace(options or ServerOptions(), **given))
 
 
 def init(model: str | None = None, options: ServerOptions | None = None, timeout: float = 900.0,

@@ -166,7 +166,7 @@ def serve_main(argv: list[str] | None = None) -> None:
         check(options)
     except ValueError as e:
         server_parser().error(str(e))
-    serve_forever(options)
+    _run(options)
 
 
 def check(options: ServerOptions) -> None:
@@ -178,12 +178,16 @@ def check(options: ServerOptions) -> None:
 
 
 def serve_forever(options: ServerOptions) -> None:
-    """Run the server in the foreground until interrupted."""
+    """Run the server in the foreground until interrupted; contradicting settings are a ValueError."""
+    check(options)
+    _run(options)
+
+
+def _run(options: ServerOptions) -> None:
     import socket
 
     import uvicorn
 
-    check(options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

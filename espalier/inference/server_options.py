@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from espalier.flags import add_flags, from_args, to_argv
 from espalier.inference.factory import ENGINES
@@ -97,6 +97,18 @@ def with_env_key(options: ServerOptions) -> ServerOptions:
     if options.api_key is None and os.environ.get("ESPALIER_API_KEY"):
         return replace(options, api_key=os.environ["ESPALIER_API_KEY"])
     return options
+
+
+def server_options(options: ServerOptions | None = None, **settings: Any) -> ServerOptions:
+    """`options` with `settings` (ServerOptions fields, e.g. model=, engine=, inference_replicas=) put in, and
+    the key from $ESPALIER_API_KEY when none is given; a setting of None keeps the default. An unknown name is
+    a TypeError naming the fields."""
+    known = {f.name for f in fields(ServerOptions)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown server settings {unknown}; the settings are {sorted(known)}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    return with_env_key(replace(options or ServerOptions(), **given))
 
 
 def server_argv(options: ServerOptions) -> list[str]:

@@ -84,6 +84,7 @@ class VLLMEngine:
         self._gate = SwapGate()
         self._diff_dir = self.log_path.parent / "differences"
         self._proc: subprocess.Popen | None = None
+        self._client: httpx.Client | None = None
         self._closed = False
         self._lock = threading.Lock()  # adapter (un)loads and restarts
         self._start()
@@ -119,7 +120,7 @@ class VLLMEngine:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         shutil.rmtree(self._diff_dir, ignore_errors=True)  # the previous process's differences
-        if getattr(self, "_client", None) is not None:
+        if self._client is not None:
             self._client.close()
         self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(600.0, connect=10.0))
         start = time.monotonic()

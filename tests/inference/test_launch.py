@@ -129,8 +129,7 @@ def test_sigterm_lets_a_request_in_flight_finish(tiny_chat_dir, tmp_path):
 def test_init_takes_the_server_flags_by_name_and_refuses_others():
     from dataclasses import fields
 
-    from espalier.inference.launch import server_options
-    from espalier.inference.server_options import ServerOptions, server_parser
+    from espalier.inference.server_options import ServerOptions, server_options, server_parser
 
     flags = {a.dest for a in server_parser()._actions} - {"help"}
     assert flags == {f.name for f in fields(ServerOptions)}  # every flag is a field, every field a flag

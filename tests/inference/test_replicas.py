@@ -21,9 +21,8 @@ from espalier.inference.chat import prompt_ids
 from espalier.inference.engine import EngineError, GenerateRequest
 from espalier.inference.factory import make_engine, replica_gpus
 from espalier.inference.hf_engine import TransformersEngine
-from espalier.inference.launch import server_options
 from espalier.inference.replicas import ReplicaSet
-from espalier.inference.server_options import parse_server_options, server_argv
+from espalier.inference.server_options import parse_server_options, server_argv, server_options
 
 pytestmark = pytest.mark.slow  # starts engine processes (about 15 s on 2 cores)
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
