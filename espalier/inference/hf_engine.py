@@ -20,7 +20,8 @@ Departures from Arbor / `transformers.generate`:
    others are refused with a pointer to `--engine vllm`.
 5. Prefill and decode run in bf16 where bf16 matmuls are faster (`precision.fast_bf16`), the LM
    head and KV cache in fp32 (a bf16 cache took the sampler's gap to an fp32 trainer from 0.008
-   to 0.13 nats a token); the first token's log-prob is the prefill's. Attention: `attention.py`.
+   to 0.13 nats a token); the head on a weight packed once (`hf_model.PackedHead`); the first
+   token's log-prob is the prefill's. Attention: `attention.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from espalier.inference import hf_model
 from espalier.inference.attention import use_gqa_sdpa
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
@@ -75,22 +77,23 @@ class TransformersEngine:
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(device).eval()
-        _require_full_attention(self.model.config)
+        hf_model.require_full_attention(self.model.config)
         use_gqa_sdpa(self.model)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = hf_model.eos_ids(self.model, self.tokenizer)
         self.max_batch_rows = max_batch_rows
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.cancelled_requests = 0  # requests dropped mid-generation because their client went away
         self._adapters: dict[str, Path] = {}
         self._factors: dict[str, dict[str, LoraFactors]] = {}
-        self._weights = WeightSets(self.model, full_precision=_head_names(self.model))
+        self._weights = WeightSets(self.model, full_precision=hf_model.head_names(self.model))
         prefill_bf16 = fast_bf16(device) if prefill_bf16 is None else prefill_bf16
         decode_bf16 = prefill_bf16 if decode_bf16 is None else decode_bf16
-        self.prefill_bf16, self.decode_bf16 = (flag and _plain_head(self.model) for flag in (prefill_bf16, decode_bf16))
+        self._head = hf_model.PackedHead(self.model.get_output_embeddings()) if hf_model.plain_head(self.model) else None
+        self.prefill_bf16, self.decode_bf16 = (flag and self._head is not None for flag in (prefill_bf16, decode_bf16))
         self.threads = threads
         if self.prefill_bf16 or self.decode_bf16:  # the first bf16 forward sets up its kernels (~10 s on a busy CPU)
-            with torch.inference_mode(), _threads(threads):
+            with torch.inference_mode(), hf_model.torch_threads(threads):
                 self._forward(torch.tensor([[0]], device=device), None, None, low=True)
         self._active: str | None | object = None  # the adapter whose weights are in place (None: the base model)
         self._model_lock = threading.Lock()  # held while a step runs or an adapter is (un)loaded
@@ -163,7 +166,7 @@ class TransformersEngine:
                 return found
 
     def _loop(self, stop: threading.Event) -> None:
-        batch, waiting = DecodeBatch(), deque()
+        batch, waiting = DecodeBatch(self.max_batch_rows), deque()
         try:
             while not stop.is_set():
                 if not batch and not waiting:
@@ -191,7 +194,7 @@ class TransformersEngine:
                 continue
             batch.adapter = p.request.adapter
             try:
-                with self._model_lock, torch.inference_mode(), _threads(self.threads):
+                with self._model_lock, torch.inference_mode(), hf_model.torch_threads(self.threads):
                     self._use_adapter(p.request.adapter)
                     self._prefill(batch, p)
             except Exception as e:  # this request fails, the others go on
@@ -216,23 +219,24 @@ class TransformersEngine:
     def _forward(self, ids: torch.Tensor, cache, adapter: str | None, low: bool, **kwargs):
         """Last-position logits (B, V) in fp32 and the cache the model filled.
 
-        `low`: the decoder runs under bf16 autocast on bf16 weight copies and the LM head in fp32
-        (logits keep fp32 resolution); chosen where `precision.fast_bf16` measures bf16 faster (BENCHMARKS.md,
-        "precision")."""
-        if not low:
+        `low`: the decoder runs under bf16 autocast on bf16 weight copies (chosen where `precision.fast_bf16`
+        measures bf16 faster: BENCHMARKS.md, "precision"); the LM head always runs in fp32 (`PackedHead`)."""
+        if self._head is None:  # soft-capped or scaled logits: the model computes them
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
             return out.logits[:, -1, :].float(), out.past_key_values
-        self._weights.use(adapter, self._factors.get(adapter), low=True)
+        if low:
+            self._weights.use(adapter, self._factors.get(adapter), low=True)
         try:
-            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16):
+            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=low):
                 out = self.model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
         finally:
-            self._weights.use(adapter, self._factors.get(adapter))
-        return self.model.get_output_embeddings()(out.last_hidden_state[:, -1, :].float()), out.past_key_values
+            if low:
+                self._weights.use(adapter, self._factors.get(adapter))
+        return self._head(out.last_hidden_state[:, -1, :].float()), out.past_key_values
 
     def _step_or_fail(self, batch: DecodeBatch) -> None:
         try:
-            with self._model_lock, torch.inference_mode(), _threads(self.threads):
+            with self._model_lock, torch.inference_mode(), hf_model.torch_threads(self.threads):
                 self._use_adapter(batch.adapter)
                 self._step(batch)
         except Exception as e:  # the rows in flight fail, the engine goes on
@@ -323,35 +327,6 @@ class TransformersEngine:
         )
 
 
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """torch's threads for one forward pass (None, the default: as they are). On an idle 2-core CPU two threads
-    made an 18-row decode step 2.1x faster than one; on a loaded one, where each step waits for the slower
-    thread, one can be faster."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _head_names(model) -> tuple[str, ...]:
-    head = model.get_output_embeddings()
-    return tuple(name for name, m in model.named_modules() if m is head)
-
-
-def _plain_head(model) -> bool:
-    """Whether logits are the LM head of the decoder's last hidden state and nothing more (no soft-capping or
-    scaling), so that prefill may run the two apart."""
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling") if getattr(text, k, None)]
-    return not scaled and model.get_output_embeddings() is not None
-
-
 def split_rows(request: GenerateRequest, rows: int) -> list[GenerateRequest]:
     """A request for `n` rows as requests of at most `rows` rows, each seeded where it would have been
     (row j draws from seed + j), so memory stays within the batch cap and a seeded answer does not change."""
@@ -373,28 +348,6 @@ def _fail(pendings: list[_Pending], error: Exception) -> None:
                 p.future.set_exception(error)
 
 
-def _require_full_attention(config) -> None:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    types = set(getattr(text, "layer_types", None) or ["full_attention"])
-    windowed = getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True) is not False
-    sliding = bool(windowed) or bool(types - {"full_attention"})
-    if sliding:
-        raise EngineError(
-            f"the transformers engine serves full-attention models only; {config.model_type} has sliding-window "
-            "layers. Use --engine vllm (engine='vllm') for it."
-        )
-
-
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits) if hits else None
-
-
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the model has no EOS token id")
-    return tuple(dict.fromkeys(ids))

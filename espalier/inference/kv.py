@@ -27,42 +27,83 @@ def cache_kv(cache: DynamicCache) -> KV:
 
 
 class GrowingLayer(DynamicLayer):
-    """A cache layer with spare columns: a step writes its keys and values in place.
+    """A cache layer on buffers with spare rows and columns: a step writes its keys and values in place.
 
-    `DynamicLayer` concatenates the whole cache on every step (half of a decode step's time
-    at 12 rows x 600 tokens on CPU); here the cache is copied only when its buffer is full.
-    `keys` / `values` are views of the filled part."""
+    `DynamicLayer` concatenates the whole cache on every step (half of a decode step's time at
+    12 rows x 600 tokens on CPU); here the buffers (R, H, C, D) are copied only when full. Rows
+    `[0, rows)` and columns `[start, end)` are the cache: `keys` / `values` are views of them."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            self._k = self._v = None
-            self._n = 0
-        n, add = self._n, key_states.shape[-2]
-        if self._k is None or n + add > self._k.shape[-2]:
-            self._k, self._v = self._grown(self._k, key_states, n + add), self._grown(self._v, value_states, n + add)
-        self._k[:, :, n : n + add] = key_states
-        self._v[:, :, n : n + add] = value_states
-        self._n = n + add
-        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+            self._empty(key_states, rows=key_states.shape[0])
+        add = key_states.shape[-2]
+        if self.end + add > self._k.shape[-2]:
+            self.move(self.rows, end_at=self.width, extra=add)
+        self._k[: self.rows, :, self.end : self.end + add] = key_states
+        self._v[: self.rows, :, self.end : self.end + add] = value_states
+        self.end += add
+        self._view()
         return self.keys, self.values
 
-    def _grown(self, old: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
-        # (B, H, capacity, D) in the cache's dtype: under bf16 autocast a step's values arrive in bf16
-        buf = new.new_empty((*new.shape[:2], capacity(needed), new.shape[-1]), dtype=self.dtype)
-        if old is not None and self._n:
-            buf[:, :, : self._n] = old[:, :, : self._n]
-        return buf
-
     @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, filled: int) -> GrowingLayer:
-        """A layer whose buffers are `keys` and `values` (B, H, capacity, D), the first `filled` columns valid:
-        taken as they are, not copied."""
+    def empty(cls, like: torch.Tensor) -> GrowingLayer:
+        """A layer of no rows for keys and values like `like` (B, H, L, D)."""
         layer = cls()
-        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-        layer._k, layer._v, layer._n = keys, values, filled
-        layer.keys, layer.values = keys[:, :, :filled], values[:, :, :filled]
+        layer._empty(like, rows=0)
         return layer
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    @property
+    def row_capacity(self) -> int:
+        return self._k.shape[0]
+
+    def move(self, rows: int, end_at: int, extra: int = 0) -> None:
+        """Copy the cache into new buffers of `rows` rows, its columns ending at `end_at` (the columns before
+        them spare, for longer rows to join), with room for `extra` more and spare columns after them; in the
+        cache's dtype (under bf16 autocast a step's values arrive in bf16)."""
+        shape = (rows, self._k.shape[1], capacity(end_at + extra), self._k.shape[-1])
+        k, v = self._k.new_empty(shape, dtype=self.dtype), self._v.new_empty(shape, dtype=self.dtype)
+        start = end_at - self.width
+        if self.width:
+            k[: self.rows, :, start:end_at] = self.keys
+            v[: self.rows, :, start:end_at] = self.values
+        self._k, self._v, self.start, self.end = k, v, start, end_at
+        self._view()
+
+    def write(self, at: int, kv: tuple[torch.Tensor, torch.Tensor], width: int, count: int) -> None:
+        """Put `count` rows at `at` (a one-row `kv` is broadcast to all of them), right-aligned at the end, and
+        widen the cache to `width` columns: columns no row held before are zeroed (masked, but 0 x NaN would
+        not be)."""
+        length, start = kv[0].shape[-2], self.end - width
+        for buf, src in zip((self._k, self._v), kv, strict=True):
+            buf[: self.rows, :, start : self.start] = 0
+            buf[at : at + count, :, start : self.end - length] = 0
+            buf[at : at + count, :, self.end - length : self.end] = src
+        self.rows, self.start = at + count, start
+        self._view()
+
+    def copy_row(self, source: int, target: int) -> None:
+        self._k[target, :, self.start : self.end] = self._k[source, :, self.start : self.end]
+        self._v[target, :, self.start : self.end] = self._v[source, :, self.start : self.end]
+
+    def narrow(self, rows: int, drop: int) -> None:
+        """Keep the first `rows` rows and drop the first `drop` columns (no copy)."""
+        self.rows, self.start = rows, self.start + drop
+        self._view()
+
+    def _empty(self, like: torch.Tensor, rows: int) -> None:
+        self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
+        self._k = like.new_empty((0, like.shape[1], 0, like.shape[-1]))
+        self._v = self._k
+        self.rows, self.start, self.end = rows, 0, 0
+        self._view()
+
+    def _view(self) -> None:
+        self.keys = self._k[: self.rows, :, self.start : self.end]
+        self.values = self._v[: self.rows, :, self.start : self.end]
 
 
 def capacity(needed: int) -> int:
@@ -71,18 +112,13 @@ def capacity(needed: int) -> int:
 
 
 class GrowingCache(DynamicCache):
-    """A `DynamicCache` of `GrowingLayer`s, filled with `kv`."""
+    """A `DynamicCache` of `GrowingLayer`s, filled with `kv` (or `layers` as they are)."""
 
-    def __init__(self, kv: KV) -> None:
-        Cache.__init__(self, layers=[GrowingLayer() for _ in kv])
-        for layer, (k, v) in zip(self.layers, kv, strict=True):
-            layer.update(k, v)
-
-    @classmethod
-    def holding(cls, layers: list[GrowingLayer]) -> GrowingCache:
-        cache = cls([])
-        cache.layers = layers
-        return cache
+    def __init__(self, kv: KV, layers: list[GrowingLayer] | None = None) -> None:
+        Cache.__init__(self, layers=layers if layers is not None else [GrowingLayer() for _ in kv])
+        if layers is None:
+            for layer, (k, v) in zip(self.layers, kv, strict=True):
+                layer.update(k, v)
 
 
 def kv_bytes(kv: KV) -> int:
@@ -91,8 +127,13 @@ def kv_bytes(kv: KV) -> int:
 
 @dataclass
 class DecodeBatch:
-    """Rows decoding together: their KV, attention mask (B, W) and next input ids (B, 1)."""
+    """Rows decoding together: their KV, attention mask (B, W) and next input ids (B, 1), at most `max_rows`.
 
+    Rows join into spare rows of the cache's buffers and leave by moving rows from the end into
+    their places, so a join or a departure copies only the rows that join or move; the buffers
+    are copied when they run out of rows or columns."""
+
+    max_rows: int = 32
     rows: list = field(default_factory=list)
     cache: DynamicCache | None = None  # the model appends each step's KV to it in place
     mask: torch.Tensor | None = None
@@ -111,44 +152,42 @@ class DecodeBatch:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def join(self, rows: list, kv: KV, next_ids: torch.Tensor) -> None:
-        """Add rows whose KV (one per row, or one row shared by all) covers `kv` columns, all valid.
-
-        Each layer's KV is copied once, into a new buffer with room to grow: the rows in flight,
-        then the new ones, right-aligned, their left padding zeroed (masked, but 0 x NaN would not be)."""
-        n, length = len(rows), kv[0][0].shape[-2]
+        """Add rows whose KV (one per row, or one row shared by all) covers `kv` columns, all valid."""
+        n, length, old = len(rows), kv[0][0].shape[-2], len(self.rows)
+        width = max(self.width, length)
+        if self.cache is None:
+            self.cache = GrowingCache([], layers=[GrowingLayer.empty(k) for k, _ in kv])
+        for layer, part in zip(self.cache.layers, kv, strict=True):
+            if old + n > layer.row_capacity or width > layer.end:
+                spare = min(self.max_rows, old + n + max(4, (old + n) // 2))
+                layer.move(max(spare, old + n), end_at=width + max(64, width // 4))
+            layer.write(old, part, width, n)
         mask = torch.ones((n, length), dtype=torch.long, device=next_ids.device)
-        if not self.rows:
-            kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv] if kv[0][0].shape[0] == 1 else kv
-            self.rows, self.cache, self.mask, self.next_ids = list(rows), GrowingCache(kv), mask, next_ids
-            return
-        width, old = max(self.width, length), len(self.rows)
-        self.cache = GrowingCache.holding([_stacked([((a.keys, a.values), old), (b, n)], width) for a, b in
-                                           zip(self.cache.layers, kv, strict=True)])
-        pad = lambda m: torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(mask)])
-        self.next_ids = torch.cat([self.next_ids, next_ids])
+        self.mask = _left_pad(mask, width) if self.mask is None else torch.cat([_left_pad(self.mask, width),
+                                                                                _left_pad(mask, width)])
+        self.next_ids = next_ids if self.next_ids is None else torch.cat([self.next_ids, next_ids])
         self.rows += rows
 
     def keep(self, indices: list[int]) -> None:
-        """Keep only these rows, and drop leading columns no remaining row uses (one copy of the KV)."""
+        """Keep only these rows (ascending): rows past the kept count move into the places of rows that leave,
+        and leading columns no remaining row uses are dropped."""
         if not indices:
             self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
             return
-        idx = torch.tensor(indices, device=self.mask.device)
+        count, kept = len(indices), set(indices)
+        order = list(range(count))
+        for hole, mover in zip([i for i in order if i not in kept], [i for i in indices if i >= count], strict=True):
+            order[hole] = mover
+            for layer in self.cache.layers:
+                layer.copy_row(mover, hole)
+        idx = torch.tensor(order, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
-        start = int(self.width - mask.sum(-1).max())
-        width = self.width - start
-        layers = []
+        drop = int(self.width - mask.sum(-1).max())
         for layer in self.cache.layers:
-            k, v = (_buffer(t, len(indices), width) for t in (layer.keys, layer.values))
-            for j, i in enumerate(indices):
-                k[j, :, :width] = layer.keys[i, :, start:]
-                v[j, :, :width] = layer.values[i, :, start:]
-            layers.append(GrowingLayer.holding(k, v, width))
-        self.cache = GrowingCache.holding(layers)
-        self.mask = mask[:, start:]
+            layer.narrow(count, drop)
+        self.mask = mask[:, drop:]
         self.next_ids = self.next_ids.index_select(0, idx)
-        self.rows = [self.rows[i] for i in indices]
+        self.rows = [self.rows[i] for i in order]
 
     def row_kv(self, i: int) -> KV:
         """Row i's valid KV, (1, H, valid, D) per layer."""
@@ -156,24 +195,8 @@ class DecodeBatch:
         return [(k[i : i + 1, :, self.width - valid :], v[i : i + 1, :, self.width - valid :]) for k, v in self.kv]
 
 
-def _buffer(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """An uninitialised (rows, H, capacity(width), D) buffer of `like`'s dtype and device."""
-    return like.new_empty((rows, like.shape[1], capacity(width), like.shape[-1]))
-
-
-def _stacked(parts: list[tuple], width: int) -> GrowingLayer:
-    """A layer holding the rows of `parts` (((keys, values), rows) each) stacked, each part's valid columns
-    right-aligned at `width`, the columns before them zero."""
-    total, like = sum(rows for _, rows in parts), parts[0][0][0]
-    k, v = _buffer(like, total, width), _buffer(like, total, width)
-    at = 0
-    for (pk, pv), rows in parts:
-        length = pk.shape[-2]
-        for buf, src in ((k, pk), (v, pv)):
-            buf[at : at + rows, :, : width - length] = 0
-            buf[at : at + rows, :, width - length : width] = src  # a (1, ...) part is broadcast to its rows
-        at += rows
-    return GrowingLayer.holding(k, v, width)
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([mask.new_zeros((mask.shape[0], width - mask.shape[1])), mask], dim=1)
 
 
 def _starts(tokens: torch.Tensor, prefix: torch.Tensor) -> bool:
@@ -220,7 +243,7 @@ class PrefixCache:
             return
         self._entries = [e for e in self._entries if not (e.adapter == adapter and _starts(tokens, e.tokens))]
         self._entries.append(
-            _Entry(adapter, tokens, [(k.contiguous(), v.contiguous()) for k, v in kv], time.monotonic())
+            _Entry(adapter, tokens, [(k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format)) for k, v in kv], time.monotonic())
         )
         self._entries.sort(key=lambda e: e.used, reverse=True)
         total = 0

@@ -10,7 +10,8 @@ import torch
 from serving_fixtures import random_adapter
 
 from espalier.inference.engine import EngineError, GenerateRequest
-from espalier.inference.hf_engine import TransformersEngine, _require_full_attention
+from espalier.inference.hf_engine import TransformersEngine
+from espalier.inference.hf_model import require_full_attention
 from espalier.inference.kv import PrefixCache
 
 
@@ -151,9 +152,9 @@ def test_prefix_cache_lookup_eviction_and_adapters():
 def test_sliding_window_models_are_refused_with_the_fix():
     from transformers import LlamaConfig, MistralConfig
 
-    _require_full_attention(LlamaConfig())
+    require_full_attention(LlamaConfig())
     with pytest.raises(EngineError, match="--engine vllm"):
-        _require_full_attention(MistralConfig(sliding_window=8))
+        require_full_attention(MistralConfig(sliding_window=8))
 
 
 # ---- merged adapters: the served policy is W0 + scale * B @ A, against peft's unmerged layers ----------------------
