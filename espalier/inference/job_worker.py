@@ -39,7 +39,6 @@ Departures from Arbor:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import socket
 import threading
@@ -72,7 +71,6 @@ if TYPE_CHECKING:
     from espalier.training.distributed import Processes, TorchProcesses
     from espalier.training.record import OnFed, SequenceRecorder
 
-DEFAULT_FACTORY = "espalier.inference.job_worker:build_trainer"
 HEARTBEAT_S = 60.0  # the most time between two broadcasts from rank 0 (heartbeat_s)
 
 
@@ -81,20 +79,25 @@ def heartbeat_s(timeout_s: float) -> float:
     return min(HEARTBEAT_S, timeout_s / 4)
 
 
-def build_trainer(model_path: Path, train_kwargs: dict[str, Any], device: str, processes: Processes | None = None,
-                  on_fed: OnFed | None = None):
-    """The real trainer, per the DESIGN.md contract; `processes` is given on several ranks, `on_fed` when the job
-    records what is trained. A stand-in factory takes the same arguments."""
-    from espalier.config import TrainConfig
-    from espalier.training import GRPOTrainer
+class GRPOTrainerFactory:
+    """The real trainer (`worker_protocol.TrainerFactory`); `processes` is given on several ranks, `on_fed` when
+    the job records what is trained."""
 
-    config = TrainConfig.from_kwargs(train_kwargs)
-    return GRPOTrainer(model_path, config, device=device, processes=processes, on_fed=on_fed)
+    def check(self, train_kwargs: dict[str, Any]) -> None:
+        from espalier.config import TrainConfig
+
+        TrainConfig.from_kwargs(train_kwargs)
+
+    def __call__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes: Processes | None = None,
+                 on_fed: OnFed | None = None):
+        from espalier.config import TrainConfig
+        from espalier.training import GRPOTrainer
+
+        config = TrainConfig.from_kwargs(train_kwargs)
+        return GRPOTrainer(model_path, config, device=device, processes=processes, on_fed=on_fed)
 
 
-def _load(spec: str):
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
+DEFAULT_FACTORY = GRPOTrainerFactory()
 
 
 def _trainer_error(e: Exception) -> WorkerError:
@@ -111,8 +114,7 @@ def _start(spec: WorkerSpec, device: str, processes: Processes | None,
            recorder: SequenceRecorder | None) -> tuple[Any, WorkerError | None]:
     """(trainer, None), or (None, the error to reply with)."""
     try:
-        factory = _load(spec.factory)
-        return factory(spec.model_path, spec.train_kwargs, device, processes=processes, on_fed=recorder), None
+        return spec.factory(spec.model_path, spec.train_kwargs, device, processes=processes, on_fed=recorder), None
     except ValueError as e:
         return None, WorkerError("config", str(e))
     except Exception as e:

@@ -40,6 +40,7 @@ from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.replicas import ReplicaSet
 from espalier.inference.server_options import ServerOptions, parse_server_options, server_parser
 from espalier.inference.serving import ServedModel, UnknownModel
+from espalier.inference.worker_protocol import TrainerFactory
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ServerSettings:
 
     options: ServerOptions = field(default_factory=ServerOptions)
     model_path: Path | None = None
-    trainer_factory: str = DEFAULT_FACTORY  # "module:callable" the GRPO worker builds its trainer with (tests: a fake)
+    trainer_factory: TrainerFactory = DEFAULT_FACTORY  # what the GRPO worker builds its trainer with
 
 
 DISCONNECT_POLL_S = 0.5  # how often a generating request checks that its client is still there

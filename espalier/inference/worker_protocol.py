@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from espalier.types import Group, StepMetrics
 
@@ -28,11 +28,25 @@ if TYPE_CHECKING:
     from espalier.training.distributed import TrainNodes
 
 
+class TrainerFactory(Protocol):
+    """Builds the worker's trainer (`job_worker.GRPOTrainerFactory`, or a stand-in with the same two methods).
+
+    It crosses the worker's spawn pickled by reference: a module-level class or an instance of one."""
+
+    def check(self, train_kwargs: dict[str, Any]) -> None:
+        """Raise ValueError or TypeError naming the fix for a config the trainer would refuse (the server answers
+        400 before it ends a running job for it)."""
+
+    def __call__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes: Any = None,
+                 on_fed: Any = None) -> Any:
+        """The trainer: `train_step(groups)`, `save_checkpoint`, ... per DESIGN.md's contract."""
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a trainer worker process is started with."""
 
-    factory: str  # "module:callable" that builds the trainer (job_worker.build_trainer, or a test's stand-in)
+    factory: TrainerFactory  # builds the trainer in the worker (job_worker.DEFAULT_FACTORY, or a stand-in)
     model_path: Path
     train_kwargs: dict[str, Any]
     device: str = "cpu"

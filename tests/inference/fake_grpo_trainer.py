@@ -1,7 +1,7 @@
 """A stand-in for `GRPOTrainer` in job tests: random adapters, optional crash, no learning.
 
-Loaded by the job's worker process by name ("fake_grpo_trainer:FakeTrainer"), so it must
-live on the test path and import nothing from the tests' conftest.
+Pickled by reference into the job's worker process (the class is its own `TrainerFactory`), so it
+must live on the test path and import nothing from the tests' conftest.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from espalier.types import StepMetrics
 
 
 class FakeTrainer:
+    @staticmethod
+    def check(train_kwargs: dict[str, Any]) -> None:
+        if "bogus" in train_kwargs:
+            raise ValueError("unknown train_kwargs key 'bogus'")
+
     def __init__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes=None,
                  on_fed=None) -> None:
         from peft import LoraConfig, get_peft_model

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fake_grpo_trainer import FakeTrainer
 
 from espalier.inference.engine import Engine
 from espalier.inference.hf_engine import TransformersEngine
@@ -17,6 +18,7 @@ from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.server import ServerSettings, create_app
 from espalier.inference.server_options import ServerOptions
 from espalier.inference.serving import ServedModel
+from espalier.inference.worker_protocol import TrainerFactory
 from espalier.models import tiny_llama
 from espalier.ports import free_port
 
@@ -71,7 +73,7 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def start_server(model_dir: Path, run_dir: Path, trainer_factory: str = DEFAULT_FACTORY,
+def start_server(model_dir: Path, run_dir: Path, trainer_factory: TrainerFactory = DEFAULT_FACTORY,
                  engine: Engine | None = None) -> tuple[ServedModel, ServerThread]:
     """A server with `engine` (default: the transformers engine) and API key `test-key`, training with
     `trainer_factory`'s trainer."""
@@ -94,6 +96,6 @@ def stop_server(served: ServedModel, server: ServerThread) -> None:
 @pytest.fixture(scope="module")
 def served_app(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServedModel, str]]:
     """(served model, base url) of a server whose GRPO jobs use the stand-in trainer (fake_grpo_trainer.py)."""
-    served, server = start_server(tiny_chat_dir, tmp_path_factory.mktemp("run"), "fake_grpo_trainer:FakeTrainer")
+    served, server = start_server(tiny_chat_dir, tmp_path_factory.mktemp("run"), FakeTrainer)
     yield served, server.url
     stop_server(served, server)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_grpo_trainer import FakeTrainer
 from serving_fixtures import API_KEY, MODEL_ID
 
 from espalier.inference.arbor_batch import groups_from_batch
@@ -147,7 +148,7 @@ class StubServed:
 
 def test_cancel_waits_for_the_step_in_flight_then_stops_the_trainer_cleanly(tiny_chat_dir, tmp_path):
     """A stop, not a kill: on several nodes that is what lets every rank, another node's too, exit 0."""
-    options = JobOptions(tiny_chat_dir, tmp_path, {"step_seconds": 3.0}, factory="fake_grpo_trainer:FakeTrainer")
+    options = JobOptions(tiny_chat_dir, tmp_path, {"step_seconds": 3.0}, factory=FakeTrainer)
     job = GRPOJob(StubServed(), options)
     refused: list[int] = []
 

@@ -34,7 +34,11 @@ GROUPS = [
 
 
 class DyingTrainer:
-    """Rank 1 dies in its first step; loaded by name in the ranks, so it must stay module-level."""
+    """Rank 1 dies in its first step; pickled by reference into the ranks, so it must stay module-level."""
+
+    @staticmethod
+    def check(train_kwargs: dict) -> None:
+        """Any config: the ranks die before they read it."""
 
     def __init__(self, model_path: Path, train_kwargs: dict, device: str, processes=None, on_fed=None) -> None:
         self.rank = 0 if processes is None else processes.rank
@@ -106,7 +110,7 @@ def test_a_dying_rank_is_restarted_then_fails_the_job(server):
 
     app, url, _ = server
     configure(app, train_processes=2)
-    app.state.settings.trainer_factory = f"{__name__}:DyingTrainer"
+    app.state.settings.trainer_factory = DyingTrainer
     try:
         job_id = post(url, "initialize", {"model": MODEL_ID}).json()["job_id"]
         for restart in range(1, MAX_RESTARTS + 1):

