@@ -86,16 +86,17 @@ class TransformersEngine:
         self.cancelled_requests = 0  # requests dropped mid-generation because their client went away
         self._adapters: dict[str, Path] = {}
         self._factors: dict[str, dict[str, LoraFactors]] = {}
-        self._weights = WeightSets(self.model, full_precision=hf_model.head_names(self.model))
         prefill_bf16 = fast_bf16(device) if prefill_bf16 is None else prefill_bf16
         decode_bf16 = prefill_bf16 if decode_bf16 is None else decode_bf16
         self._head = hf_model.PackedHead(self.model.get_output_embeddings()) if hf_model.plain_head(self.model) else None
         self.prefill_bf16, self.decode_bf16 = (flag and self._head is not None for flag in (prefill_bf16, decode_bf16))
+        self._weights = WeightSets(self.model, full_precision=hf_model.head_names(self.model),
+                                   low_only=self.prefill_bf16 and self.decode_bf16)  # fp32 merges never computed with
         self.threads = threads
         if self.prefill_bf16 or self.decode_bf16:  # the first bf16 forward sets up its kernels (~10 s on a busy CPU)
             with torch.inference_mode(), hf_model.torch_threads(threads):
                 self._forward(torch.tensor([[0]], device=device), None, None, low=True)
-        self._active: str | None | object = None  # the adapter whose weights are in place (None: the base model)
+        self._active: str | None | object = _UNKNOWN  # the adapter whose weights are in place (None: the base)
         self._model_lock = threading.Lock()  # held while a step runs or an adapter is (un)loaded
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._stop = threading.Event()
@@ -224,13 +225,14 @@ class TransformersEngine:
         if self._head is None:  # soft-capped or scaled logits: the model computes them
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
             return out.logits[:, -1, :].float(), out.past_key_values
-        if low:
+        swap = low and not self._weights.low_only  # low_only: the bf16 copies are in place already
+        if swap:
             self._weights.use(adapter, self._factors.get(adapter), low=True)
         try:
             with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=low):
                 out = self.model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
         finally:
-            if low:
+            if swap:
                 self._weights.use(adapter, self._factors.get(adapter))
         return self._head(out.last_hidden_state[:, -1, :].float()), out.past_key_values
 

@@ -302,3 +302,24 @@ def test_a_growing_cache_keeps_its_dtype_when_a_step_arrives_in_bf16():
     for _ in range(100):  # past the spare columns: the buffers are reallocated
         keys, values = layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4, dtype=torch.bfloat16))
     assert keys.dtype == values.dtype == torch.float32 and keys.shape[-2] == 103
+
+
+def test_an_all_bf16_engine_holds_no_fp32_merge_of_an_adapter(tiny_chat_dir, tmp_path):
+    """Where prefill and decode both run on bf16 copies, an adapter's fp32 merge is dropped once its bf16 copy is
+    made (nothing computes with it); an engine that decodes in fp32 keeps it, and both stay within `keep` sets."""
+    adapters = [all_projections_adapter(tiny_chat_dir, tmp_path / f"p{i}", seed=7 + i) for i in range(3)]
+    fast = TransformersEngine(tiny_chat_dir, prefill_bf16=True, decode_bf16=True)
+    mixed = TransformersEngine(tiny_chat_dir, prefill_bf16=True, decode_bf16=False)
+    try:
+        for engine in (fast, mixed):
+            for i, path in enumerate(adapters):
+                engine.load_adapter(f"a{i}", path)
+                engine.generate(greedy(prompts(1, seed=26)[0], 3, f"a{i}"))
+        assert fast._weights._merged == {} and list(fast._weights._low) == ["a1", "a2"]
+        served = {m.weight.dtype for name, m in fast._weights.modules.items() if name not in fast._weights.full_precision}
+        assert served == {torch.bfloat16}
+        assert list(mixed._weights._merged) == ["a1", "a2"]
+        assert all(w.dtype == torch.float32 for w in mixed._weights._merged["a2"].values())
+    finally:
+        fast.close()
+        mixed.close()
