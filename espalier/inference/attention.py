@@ -53,12 +53,14 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     with torch.autocast(query.device.type, enabled=False):
         # bmm on (B * Hkv, K, D) views: torch.matmul on the 4-d views of a cache with spare columns copied it first
         keys, values = key.reshape(rows, length, dim), value.to(key.dtype).reshape(rows, length, dim)
-        q = query.to(key.dtype).reshape(rows, groups, dim)  # (B * Hkv, G, D): query head h reads KV head h // G
-        scores = torch.bmm(keys, q.transpose(1, 2)).float() * scale  # (B * Hkv, K, G)
-        if mask is not None:
-            mask = mask.reshape(batch, 1, length, 1).expand(batch, key.shape[1], length, 1).reshape(rows, length, 1)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = torch.softmax(scores, dim=1).to(key.dtype)  # (B * Hkv, K, G)
+        q = query.to(key.dtype).reshape(rows, groups, dim).transpose(1, 2)  # (B * Hkv, D, G): head h reads h // G
+        if mask is None:
+            scores = torch.bmm(keys, q) * scale  # (B * Hkv, K, G)
+        else:  # the mask as an additive bias (B, K), added by the matmul itself
+            bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
+            bias = bias.to(keys.dtype).reshape(batch, 1, length, 1).expand(batch, key.shape[1], length, 1)
+            scores = torch.baddbmm(bias.reshape(rows, length, 1), keys, q, alpha=scale)
+        probs = torch.softmax(scores.float(), dim=1).to(key.dtype)  # (B * Hkv, K, G)
         out = torch.bmm(probs.transpose(1, 2), values)  # (B * Hkv, G, D)
     return out.reshape(batch, 1, heads, dim)
 
