@@ -18,7 +18,7 @@ Departures from Arbor:
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -110,3 +110,12 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def split_rows(request: GenerateRequest, rows: int) -> list[GenerateRequest]:
+    """A request for `n` rows as requests of at most `rows` rows, each seeded where it would have been
+    (row j draws from seed + j), so memory stays within the batch cap and a seeded answer does not change."""
+    if request.n <= rows:
+        return [request]
+    return [replace(request, n=min(rows, request.n - start), seed=None if request.seed is None else request.seed + start)
+            for start in range(0, request.n, rows)]

@@ -1,11 +1,12 @@
 """A plain transformers engine with continuous batching and a prefix cache: for CPUs and machines without vLLM.
 
 A background thread runs one decode step at a time for every row in flight. Between steps,
-finished rows leave (their futures resolve) and waiting requests join: each new prompt is
-prefilled on its own, reusing the KV of the longest prefix it shares with a recent prompt
-or finished sequence of the same adapter (`kv.PrefixCache`), then left-padded into the
-batch (`kv.DecodeBatch`). Every row keeps its own sampling parameters and seed
-(`sampling.py`).
+finished rows leave (their futures resolve) and waiting requests join: each new prompt
+reuses the KV of the longest prefix it shares with a recent prompt or finished sequence of
+the same adapter (`kv.PrefixCache`); of the prompts waiting together the first is prefilled
+alone (the others may share its prefix), the rest in one pass (`prefill.py`); rows are then
+left-padded into the batch (`kv.DecodeBatch`). Every row keeps its own sampling parameters
+and seed (`sampling.py`).
 
 Departures from Arbor / `transformers.generate`:
 1. Rows of one forward pass carry different temperatures, top-p, top-k, penalties, seeds
@@ -34,7 +35,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,9 +43,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from espalier.inference import hf_model
 from espalier.inference.attention import use_gqa_sdpa
-from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
+from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest, split_rows
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
 from espalier.inference.lora import LoraFactors, WeightSets, read_adapter
+from espalier.inference.prefill import PaddedPrefill, Prompt
 from espalier.inference.sampling import RowParams, sample_rows_with_top
 from espalier.precision import fast_bf16
 
@@ -182,24 +184,45 @@ class TransformersEngine:
 
     def _admit(self, batch: DecodeBatch, waiting: deque[_Pending]) -> None:
         """Move waiting requests of the batch's adapter into it, in arrival order, while rows are free."""
+        group: list[_Pending] = []
         while waiting:
-            p = waiting[0]
-            if batch and (p.request.adapter != batch.adapter or len(batch) + p.request.n > self.max_batch_rows):
-                return
+            p, adapter = waiting[0], batch.adapter if batch else group[0].request.adapter if group else None
+            rows = len(batch) + sum(q.request.n for q in group)
+            if (batch or group) and (p.request.adapter != adapter or rows + p.request.n > self.max_batch_rows):
+                break
             waiting.popleft()
             if p.request.cancel is not None and p.request.cancel.is_set() and not p.future.done():
                 self.cancelled_requests += 1
                 p.future.set_exception(EngineError("generation was cancelled before it started"))
-                continue
-            if not p.future.set_running_or_notify_cancel():
-                continue
-            batch.adapter = p.request.adapter
-            try:
-                with self._model_lock, torch.inference_mode(), hf_model.torch_threads(self.threads):
-                    self._use_adapter(p.request.adapter)
-                    self._prefill(batch, p)
-            except Exception as e:  # this request fails, the others go on
-                p.future.set_exception(EngineError(f"generation failed: {type(e).__name__}: {e}"))
+            elif p.future.set_running_or_notify_cancel():
+                group.append(p)
+        if group:
+            batch.adapter = group[0].request.adapter
+            self._prefill_group(batch, group)
+
+    def _prefill_group(self, batch: DecodeBatch, group: list[_Pending]) -> None:
+        """The first prompt alone (it may hold the prefix the others share), then the rest in one pass where there
+        are two or more (`prefill.py`), else, or if that pass fails, one by one; a request that fails fails alone."""
+        self._guarded(group[0], lambda: self._prefill(batch, group[0]))
+        rest = group[1:]
+        if len(rest) > 1 and self._head is not None:
+            with contextlib.suppress(Exception):  # the pass failed before any row joined: one by one
+                self._locked(rest[0].request.adapter, lambda: self._prefill_together(batch, rest))
+        for p in rest:
+            if not p.rows and not p.future.done():
+                self._guarded(p, lambda p=p: self._prefill(batch, p))
+
+    def _locked(self, adapter: str | None, work) -> None:
+        with self._model_lock, torch.inference_mode(), hf_model.torch_threads(self.threads):
+            self._use_adapter(adapter)
+            work()
+
+    def _guarded(self, p: _Pending, work) -> None:
+        """`work` for `p` with its adapter in place; an error fails `p` alone."""
+        try:
+            self._locked(p.request.adapter, work)
+        except Exception as e:  # this request fails, the others go on
+            _failed(p, e)
 
     def _prefill(self, batch: DecodeBatch, p: _Pending) -> None:
         """Feed the prompt (after its cached prefix), sample each row's first token, add live rows to the batch."""
@@ -207,18 +230,38 @@ class TransformersEngine:
         reused, prefix = self.prefix_cache.lookup(p.request.adapter, prompt)
         cache = GrowingCache(prefix) if prefix else None
         logits, cache = self._forward(prompt[reused:].unsqueeze(0), cache, p.request.adapter, self.prefill_bf16)
-        kv = [(k.float(), v.float()) for k, v in cache_kv(cache)]  # decode steps keep an fp32 cache
+        self._start_rows(batch, p, prompt, logits, cache_kv(cache))
+
+    def _prefill_together(self, batch: DecodeBatch, group: list[_Pending]) -> None:
+        """Several prompts in one forward pass, each after its own cached prefix, then each request's rows start."""
+        prompts = []
+        for p in group:
+            ids = torch.tensor(p.request.prompt_ids, device=self.device)
+            prompts.append(Prompt(ids, *self.prefix_cache.lookup(p.request.adapter, ids)))
+        padded = PaddedPrefill.of(prompts)
+        logits, cache = self._forward(padded.ids, padded.cache, group[0].request.adapter, self.prefill_bf16,
+                                      last=padded.last, attention_mask=padded.mask, position_ids=padded.positions)
+        kvs = [padded.row_kv(cache, i, prompt) for i, prompt in enumerate(prompts)]
+        for i, (p, prompt) in enumerate(zip(group, prompts, strict=True)):  # from here each request on its own
+            try:
+                self._start_rows(batch, p, prompt.ids, logits[i : i + 1], kvs[i])
+            except Exception as e:
+                _failed(p, e)
+
+    def _start_rows(self, batch: DecodeBatch, p: _Pending, prompt: torch.Tensor, logits: torch.Tensor, kv) -> None:
+        """Cache the prompt's KV, sample each row's first token from `logits` (1, V), add live rows to the batch."""
+        kv = [(k.float(), v.float()) for k, v in kv]  # decode steps keep an fp32 cache
         self.prefix_cache.add(p.request.adapter, prompt, kv)
         p.rows = [self._row(p, j, prompt) for j in range(p.request.n)]
-        logits = logits.expand(len(p.rows), -1)  # (n, V)
-        tokens = self._sample(p.rows, logits)
+        tokens = self._sample(p.rows, logits.expand(len(p.rows), -1))  # (n,)
         live = [i for i, r in enumerate(p.rows) if r.finish is None]
         if live:
             batch.join([p.rows[i] for i in live], kv, tokens[live].unsqueeze(1))
         self._resolve_if_done(p)
 
-    def _forward(self, ids: torch.Tensor, cache, adapter: str | None, low: bool, **kwargs):
-        """Last-position logits (B, V) in fp32 and the cache the model filled.
+    def _forward(self, ids: torch.Tensor, cache, adapter: str | None, low: bool, last: torch.Tensor | None = None,
+                 **kwargs):
+        """Logits (B, V) in fp32 at each row's `last` position (default: the last) and the cache the model filled.
 
         `low`: the decoder runs under bf16 autocast on bf16 weight copies (chosen where `precision.fast_bf16`
         measures bf16 faster: BENCHMARKS.md, "precision"); the LM head always runs in fp32 (`PackedHead`)."""
@@ -234,7 +277,9 @@ class TransformersEngine:
         finally:
             if swap:
                 self._weights.use(adapter, self._factors.get(adapter))
-        return self._head(out.last_hidden_state[:, -1, :].float()), out.past_key_values
+        hidden = out.last_hidden_state
+        hidden = hidden[:, -1] if last is None else hidden[torch.arange(len(hidden), device=hidden.device), last]
+        return self._head(hidden.float()), out.past_key_values
 
     def _step_or_fail(self, batch: DecodeBatch) -> None:
         try:
@@ -329,18 +374,13 @@ class TransformersEngine:
         )
 
 
-def split_rows(request: GenerateRequest, rows: int) -> list[GenerateRequest]:
-    """A request for `n` rows as requests of at most `rows` rows, each seeded where it would have been
-    (row j draws from seed + j), so memory stays within the batch cap and a seeded answer does not change."""
-    if request.n <= rows:
-        return [request]
-    return [replace(request, n=min(rows, request.n - start), seed=None if request.seed is None else request.seed + start)
-            for start in range(0, request.n, rows)]
-
-
 def _in_flight(batch: DecodeBatch) -> list[_Pending]:
     """The requests with rows in the batch, each once."""
     return list({id(r.pending): r.pending for r in batch.rows}.values())
+
+
+def _failed(p: _Pending, error: Exception) -> None:
+    _fail([p], EngineError(f"generation failed: {type(error).__name__}: {error}"))
 
 
 def _fail(pendings: list[_Pending], error: Exception) -> None:

@@ -108,7 +108,7 @@ class GrowingLayer(DynamicLayer):
 
 def capacity(needed: int) -> int:
     """Columns to allocate for `needed`: room for at least 64 more decode steps before the next copy."""
-    return needed + max(64, needed // 2)
+    return needed + max(64, needed // 4)
 
 
 class GrowingCache(DynamicCache):
@@ -158,9 +158,9 @@ class DecodeBatch:
         if self.cache is None:
             self.cache = GrowingCache([], layers=[GrowingLayer.empty(k) for k, _ in kv])
         for layer, part in zip(self.cache.layers, kv, strict=True):
-            if old + n > layer.row_capacity or width > layer.end:
-                spare = min(self.max_rows, old + n + max(4, (old + n) // 2))
-                layer.move(max(spare, old + n), end_at=width + max(64, width // 4))
+            if old + n > layer.row_capacity or width > layer.end:  # spare rows, and columns for longer rows
+                spare = min(self.max_rows, old + n + max(2, (old + n) // 4))
+                layer.move(max(spare, old + n), end_at=width + max(32, width // 8))
             layer.write(old, part, width, n)
         mask = torch.ones((n, length), dtype=torch.long, device=next_ids.device)
         self.mask = _left_pad(mask, width) if self.mask is None else torch.cat([_left_pad(self.mask, width),

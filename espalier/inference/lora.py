@@ -122,7 +122,7 @@ class WeightSets:
             return self._low[adapter]
         weights = self.base if adapter is None else self._merged_for(adapter, factors)
         with torch.no_grad():
-            low = {name: torch.nn.Parameter(self.base[name] if name in self.full_precision else w.to(self.low),
+            low = {name: torch.nn.Parameter(w if name in self.full_precision else w.to(self.low),
                                             requires_grad=False)
                    for name, w in {**self.base, **weights}.items()}
         if self.low_only and adapter is not None:

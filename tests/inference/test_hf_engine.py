@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,27 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone(engines):
     assert all(
         len(s.token_ids) == r.max_tokens or s.finish_reason == "stop" for r, o in zip(requests, alone, strict=True) for s in o
     )
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_pass_and_decode_as_if_alone(engines, monkeypatch):
+    """Requests that wait together (every run of a GRPO step starts at once) are prefilled in one forward pass
+    after the first, each after its own cached prefix (or none), and decode as if each had been alone."""
+    from espalier.inference import prefill
+
+    passes, real = [], prefill.PaddedPrefill.of
+    monkeypatch.setattr(prefill.PaddedPrefill, "of", staticmethod(lambda ps: passes.append(len(ps)) or real(ps)))
+    requests = [greedy(p, max_tokens=4 + i, adapter="a") for i, p in enumerate(prompts(6, seed=5))]
+    requests.append(replace(greedy(prompts(1, seed=6)[0], 5, "a", n=2), temperature=1.0, seed=11))
+    cached, plain = engines
+    alone = one_at_a_time(plain, requests)
+    for engine in (cached, plain):  # with cached prefixes of different lengths, and without any
+        passes.clear()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            with engine._model_lock:  # the engine holds its first request while the others queue up behind it
+                futures = [pool.submit(engine.generate, r, 120) for r in requests]
+                time.sleep(0.5)
+            assert_same([f.result() for f in futures], alone)
+        assert passes and max(passes) >= 2
 
 
 def test_prefix_cache_reuses_a_continued_prompt_and_changes_nothing(engines):

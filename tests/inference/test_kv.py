@@ -64,10 +64,10 @@ def test_rows_keep_their_own_kv_through_joins_departures_steps_and_regrowth():
         rows.step()
     rows.join(1, 12)  # longer than the rows in flight, within the spare columns: written in place
     rows.keep([1, 2])  # row 2 moves into row 0's place
-    rows.join(3, 4, shared=True)  # n samples of one prompt share its KV
+    rows.join(2, 4, shared=True)  # n samples of one prompt share its KV
     rows.step()
     assert layer._k is buffer, "joins and departures within the buffers' capacity copy only their own rows"
-    rows.keep([0, 2, 4])
+    rows.keep([0, 2, 3])
     rows.join(4, 300)  # longer than the buffers' columns: copied once into larger ones
     assert layer._k is not buffer
     for _ in range(150):  # past the spare columns at the end: copied again
