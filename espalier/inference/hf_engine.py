@@ -46,7 +46,7 @@ from espalier.inference.attention import use_gqa_sdpa
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest, split_rows
 from espalier.inference.kv import DecodeBatch, GrowingCache, PrefixCache, cache_kv
 from espalier.inference.lora import LoraFactors, WeightSets, read_adapter
-from espalier.inference.prefill import PaddedPrefill, Prompt
+from espalier.inference.prefill import PaddedPrefill, Prompt, passes
 from espalier.inference.sampling import RowParams, sample_rows_with_top
 from espalier.precision import fast_bf16
 
@@ -233,20 +233,22 @@ class TransformersEngine:
         self._start_rows(batch, p, prompt, logits, cache_kv(cache))
 
     def _prefill_together(self, batch: DecodeBatch, group: list[_Pending]) -> None:
-        """Several prompts in one forward pass, each after its own cached prefix, then each request's rows start."""
+        """Several prompts in forward passes of at most `prefill.PASS_TOKENS` padded tokens, each prompt after its
+        own cached prefix; each request's rows start as its pass ends."""
         prompts = []
         for p in group:
             ids = torch.tensor(p.request.prompt_ids, device=self.device)
             prompts.append(Prompt(ids, *self.prefix_cache.lookup(p.request.adapter, ids)))
-        padded = PaddedPrefill.of(prompts)
-        logits, cache = self._forward(padded.ids, padded.cache, group[0].request.adapter, self.prefill_bf16,
-                                      last=padded.last, attention_mask=padded.mask, position_ids=padded.positions)
-        kvs = [padded.row_kv(cache, i, prompt) for i, prompt in enumerate(prompts)]
-        for i, (p, prompt) in enumerate(zip(group, prompts, strict=True)):  # from here each request on its own
-            try:
-                self._start_rows(batch, p, prompt.ids, logits[i : i + 1], kvs[i])
-            except Exception as e:
-                _failed(p, e)
+        for part in passes(prompts):
+            padded = PaddedPrefill.of([prompts[i] for i in part])
+            logits, cache = self._forward(padded.ids, padded.cache, group[0].request.adapter, self.prefill_bf16,
+                                          last=padded.last, attention_mask=padded.mask, position_ids=padded.positions)
+            kvs = [padded.row_kv(cache, row, prompts[i]) for row, i in enumerate(part)]
+            for row, i in enumerate(part):  # from here each request on its own
+                try:
+                    self._start_rows(batch, group[i], prompts[i].ids, logits[row : row + 1], kvs[row])
+                except Exception as e:
+                    _failed(group[i], e)
 
     def _start_rows(self, batch: DecodeBatch, p: _Pending, prompt: torch.Tensor, logits: torch.Tensor, kv) -> None:
         """Cache the prompt's KV, sample each row's first token from `logits` (1, V), add live rows to the batch."""

@@ -6,8 +6,10 @@ after it (right padding masked), so row i's keys and values end up contiguous in
 `[P - reused[i], P + new[i])`, and its next-token logits are at position `new[i] - 1` of the
 pass. Padding queries see at least their row's first token, so no softmax row is empty.
 
-On a 2-core CPU, 17 requests that arrive together (every run of a GRPO step starts at once)
-after a shared instruction prefix took ~130 ms each, one after another, while decoding waited.
+On a 2-core Zen 5, 18 prompts queued together (every run of a GRPO step starts at once; a
+400-token shared prefix, 60-111 tokens each of their own) were prefilled in 1.8-2.0 s, the
+first alone and the rest in one pass, against 2.6-2.7 s one after another (BENCHMARKS.md,
+"versus"). A pass holds at most `PASS_TOKENS` padded new tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,24 @@ import torch
 from transformers.cache_utils import Cache
 
 from espalier.inference.kv import KV, DecodeBatch, GrowingCache, cache_kv
+
+PASS_TOKENS = 2048  # padded new tokens (rows x longest) per pass: bounds its activations and attention mask
+
+
+def passes(prompts: list[Prompt], budget: int = PASS_TOKENS) -> list[list[int]]:
+    """The prompts' indices in arrival order, cut into passes of at most `budget` padded new tokens (a longer
+    prompt gets a pass of its own)."""
+    parts: list[list[int]] = []
+    longest = 0
+    for i, p in enumerate(prompts):
+        new = len(p.ids) - p.reused
+        if parts and (len(parts[-1]) + 1) * max(longest, new) <= budget:
+            parts[-1].append(i)
+            longest = max(longest, new)
+        else:
+            parts.append([i])
+            longest = new
+    return parts
 
 
 @dataclass(frozen=True)
