@@ -28,6 +28,7 @@ Departures from Arbor / `transformers.generate`:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import queue
 import threading
@@ -50,6 +51,7 @@ from espalier.inference.prefill import PaddedPrefill, Prompt, passes
 from espalier.inference.sampling import RowParams, sample_rows_with_top
 from espalier.precision import fast_bf16
 
+log = logging.getLogger(__name__)
 _UNKNOWN = object()  # the weights in place after an adapter was (re)loaded or unloaded
 
 
@@ -206,8 +208,10 @@ class TransformersEngine:
         self._guarded(group[0], lambda: self._prefill(batch, group[0]))
         rest = group[1:]
         if len(rest) > 1 and self._head is not None:
-            with contextlib.suppress(Exception):  # the pass failed before any row joined: one by one
+            try:
                 self._locked(rest[0].request.adapter, lambda: self._prefill_together(batch, rest))
+            except Exception as e:  # the pass failed before any row joined: one by one (below)
+                log.warning("prefilling %d prompts in one pass failed (%s: %s); one by one", len(rest), type(e).__name__, e)
         for p in rest:
             if not p.rows and not p.future.done():
                 self._guarded(p, lambda p=p: self._prefill(batch, p))
@@ -233,8 +237,7 @@ class TransformersEngine:
         self._start_rows(batch, p, prompt, logits, cache_kv(cache))
 
     def _prefill_together(self, batch: DecodeBatch, group: list[_Pending]) -> None:
-        """Several prompts in forward passes of at most `prefill.PASS_TOKENS` padded tokens, each prompt after its
-        own cached prefix; each request's rows start as its pass ends."""
+        """Prompts in passes of at most `prefill.PASS_TOKENS` padded new tokens, each after its own cached prefix."""
         prompts = []
         for p in group:
             ids = torch.tensor(p.request.prompt_ids, device=self.device)
