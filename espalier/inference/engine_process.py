@@ -7,7 +7,7 @@
 Several requests are in flight at once: each command carries a call id, the host serves each in
 its own thread (the engine batches them), and a reader thread in the server resolves each
 call's future from its reply. Messages are pickled frozen dataclasses, checked on arrival, as
-on the trainer's pipe (`worker_protocol.py`).
+on the trainer's pipe (`espalier/pipes.py`).
 
 Departures from an in-process engine:
 1. A replica that dies (kill -9, OOM) takes only its own requests with it: they fail with
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from espalier.inference.engine import EngineError, EngineUnavailable, GeneratedSequence, GenerateRequest
-from espalier.inference.worker_protocol import receive_typed, send_typed
+from espalier.pipes import receive_typed, send_typed
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a waiting call checks its request's cancel event

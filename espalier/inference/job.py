@@ -1,17 +1,18 @@
 """The GRPO job behind `/v1/fine_tuning/grpo/*`: a trainer worker process plus adapter publishing.
 
-A step takes the posted batch as `espalier.types.Group`s (arbor_batch.py), has the worker run
+A step takes the posted batch as `espalier.types.Group`s (arbor_wire.py), has the trainer run
 `GRPOTrainer.train_step` on all of them, exports the new adapter and loads it into the engine
-as the current policy, timing the swap. The job and its worker speak in the typed messages of
-`worker_protocol.py` (a `StepCommand` is answered by `StepDone`, ...). Every wait on the worker
-has a timeout, and a dead worker turns the job's status to "failed" with the reason instead of
-hanging.
+as the current policy, timing the swap. The trainer is a `training.handle.TrainerHandle`: a
+worker process (`TrainerProcess`, the default) or this process (`InProcessTrainer`, with
+`--train-in-process`); the job speaks to it in the typed messages of `training/protocol.py` (a
+`StepCommand` is answered by `StepDone`, ...). Every wait on a worker has a timeout, and a dead
+worker turns the job's status to "failed" with the reason instead of hanging.
 
 Departures from Arbor:
 1. `step` trains on every group it is given, synchronously, and returns when the new policy
    is being served; Arbor queues one group per optimizer step and trains in the background.
 2. Batch items keep the ids that were sampled, or are tokenised with the server's own chat
-   template (the one that sampled), never re-rendered by another adapter (arbor_batch.py).
+   template (the one that sampled), never re-rendered by another adapter (arbor_wire.py).
 3. `pending_batch_ids` advertises `batches_per_step` ids at a time (default 1, as Arbor's
    clients expect one group per id); Espalier's own client sends groups without ids.
 4. A trainer error or a timeout is reported in `status` and as HTTP 500/409 with the message;
@@ -20,7 +21,7 @@ Departures from Arbor:
    during one with a retryable 503 naming the step it resumed from; after `MAX_RESTARTS` the
    job fails.
 5. `num_training_gpus` is honoured (`training_placement`): 0 trains on the CPU, 1 on the
-   planned CUDA device, N > 1 on N ranks of the planned devices (job_worker.py); a count the
+   planned CUDA device, N > 1 on N ranks of the planned devices (training/worker.py); a count the
    machine cannot give is a 400 naming the fix. A server started with `--train-processes N`
    trains on N CPU ranks instead (gloo; for CPU clusters and tests).
 6. Checkpoints live under `run_dir/checkpoints/<job_id>/<name>` and are served as
@@ -36,9 +37,7 @@ Departures from Arbor:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing as mp
 import threading
 import time
 import uuid
@@ -46,29 +45,33 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from espalier.inference.arbor_wire import PendingBatches
 from espalier.inference.job_store import JobStore
-from espalier.inference.job_worker import DEFAULT_FACTORY, worker_main
 from espalier.inference.serving import ServedModel
-from espalier.inference.worker_protocol import (
+from espalier.training.handle import (
+    InProcessTrainer,
+    TrainerGone,
+    TrainerHandle,
+    TrainerProcess,
+    TrainerRefused,
+    TrainerTimeout,
+)
+from espalier.training.protocol import (
     CheckpointCommand,
     CheckpointSaved,
     Command,
-    Ready,
     ResumeCommand,
     Resumed,
     StepCommand,
     StepDone,
-    StopCommand,
-    Stopped,
     TrainerFactory,
-    WorkerError,
     WorkerSpec,
-    receive_reply,
-    send,
 )
+from espalier.training.worker import DEFAULT_FACTORY
 from espalier.types import Group
 
 if TYPE_CHECKING:
+    from espalier.config import TrainConfig
     from espalier.training.distributed import TrainNodes
 
 log = logging.getLogger(__name__)
@@ -77,10 +80,6 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 3  # trainer worker restarts per job
 STOP_GRACE_S = 30.0  # how long ending a job waits for the command in flight before it kills the trainer
 R = TypeVar("R")
-
-
-class WorkerDied(RuntimeError):
-    """The trainer process ended while a command was in flight."""
 
 
 class JobError(RuntimeError):
@@ -95,7 +94,7 @@ class JobError(RuntimeError):
 class JobOptions:
     model_path: Path
     run_dir: Path
-    train_kwargs: dict[str, Any]
+    config: TrainConfig  # validated where the request arrived (arbor_wire.py)
     device: str = "cpu"
     batches_per_step: int = 1
     start_timeout: float = 900.0
@@ -103,19 +102,18 @@ class JobOptions:
     factory: TrainerFactory = DEFAULT_FACTORY  # builds the trainer in the worker
     record_trained: bool = False  # the trainer appends every sequence it feeds to run_dir/trained/step-N.jsonl
     resume: tuple[str, int] | None = None  # (job_id, step): go on with that job from the state after that step
-    processes: int = 1  # > 1: that many ranks (job_worker.py)
+    processes: int = 1  # > 1: that many ranks (training/worker.py)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
-    nodes: TrainNodes | None = None  # several nodes, `processes` ranks on this one (job_worker.py)
+    nodes: TrainNodes | None = None  # several nodes, `processes` ranks on this one (training/worker.py)
+    in_process: bool = False  # the trainer runs in the server's process (`--train-in-process`), not a worker
 
 
-def training_placement(train_kwargs: dict[str, Any], train_processes: int = 0,
+def training_placement(config: TrainConfig, train_processes: int = 0,
                        available: int | None = None) -> tuple[str, int, str | None]:
     """(device, processes, CUDA_VISIBLE_DEVICES of the ranks) for a job; impossible counts are a 400."""
-    from espalier.config import TrainConfig, plan_devices
+    from espalier.config import plan_devices
 
-    counts = {k: train_kwargs[k] for k in ("num_training_gpus", "num_inference_gpus") if k in train_kwargs}
     try:
-        config = TrainConfig.from_kwargs(counts)
         if train_processes > 0 and config.num_training_gpus > 0:
             raise ValueError(
                 f"train_kwargs['num_training_gpus'] = {config.num_training_gpus} but this server trains on "
@@ -138,7 +136,6 @@ class JobState:
     error: str | None = None
     steps: int = 0
     optimizer_steps: int = 0
-    pending_batch_ids: list[int] = field(default_factory=list)
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> Arbor's checkpoint record
     last_checkpoint: str | None = None
     last_swap_ms: float | None = None
@@ -155,14 +152,13 @@ class GRPOJob:
         if resume_step and resume_step not in self.store.saved_steps():
             raise JobError(f"cannot resume job {job_id} at step {resume_step}: no saved state under "
                            f"{self.store.state_dir(resume_step)} (saved steps: {self.store.saved_steps()})", 409)
-        self._next_batch_id = 0
+        self.batches = PendingBatches(options.batches_per_step)  # Arbor's pending_batch_ids
         self._lock = threading.Lock()  # one command at a time on the pipe
         self.restarts = 0
         self._start_worker()
         if options.resume:
             self._resume(resume_step)
         self.state.status = "running"
-        self._refill()
 
     def _resume(self, step: int) -> None:
         """Go on from the state saved after `step`, and serve the job's checkpoints again."""
@@ -177,38 +173,33 @@ class GRPOJob:
                 self.state.checkpoints[name] = record
         log.info("resumed job %s at step %d with checkpoints %s", self.state.job_id, step, sorted(self.state.checkpoints))
 
-    # ---- the worker process --------------------------------------------------------------
+    # ---- the trainer ----------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        """The worker loads the trainer's state after step `state.steps` (adapter, optimizer, scheduler, RNG)."""
+        """The trainer loads its state after step `state.steps` (adapter, optimizer, scheduler, RNG)."""
         try:
-            reply = self._exchange(ResumeCommand(self.store.state_dir(self.state.steps)), self.options.start_timeout,
-                                   "resume the trainer", Resumed)
-        except (WorkerDied, JobError) as e:  # a worker without the state must not train on
-            self._proc.kill()
+            reply = self._trainer.call(ResumeCommand(self.store.state_dir(self.state.steps)),
+                                       self.options.start_timeout, "resume the trainer", Resumed)
+        except (TrainerGone, TrainerTimeout, TrainerRefused) as e:  # a trainer without the state must not train on
+            self._trainer.kill()
             self._fail(f"could not resume the trainer at step {self.state.steps}: {e}")
         self.state.optimizer_steps = reply.optimizer_steps
 
     def _worker_spec(self) -> WorkerSpec:
         o = self.options
         nodes = None if o.nodes is None else replace(o.nodes, log_dir=o.run_dir / "torchelastic")
-        return WorkerSpec(o.factory, o.model_path, o.train_kwargs, o.device, o.processes, o.visible_devices,
+        return WorkerSpec(o.factory, o.model_path, o.config, o.device, o.processes, o.visible_devices,
                           o.run_dir / "trained" if o.record_trained else None, nodes)
 
     def _start_worker(self) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=worker_main, name="espalier-trainer", daemon=True,
-                                 args=(child, self._worker_spec()))
-        self._proc.start()
-        child.close()
+        spec = self._worker_spec()
+        self._trainer: TrainerHandle = InProcessTrainer(spec) if self.options.in_process else TrainerProcess(spec)
         try:
-            self._exchange(None, self.options.start_timeout, "start the trainer", Ready)
-        except WorkerDied as e:
+            self._trainer.start(self.options.start_timeout)
+        except (TrainerGone, TrainerTimeout) as e:
             self._fail(str(e))
-        except JobError:
-            self._proc.kill()
-            raise
+        except TrainerRefused as e:
+            raise self._refused(e) from e
 
     def _restart_worker(self, reason: str) -> None:
         """A dead worker comes back with the state of the last step; after MAX_RESTARTS the job fails."""
@@ -217,57 +208,36 @@ class GRPOJob:
         self.restarts += 1
         log.warning("%s; restarting it (restart %d of %d) from step %d", reason, self.restarts, MAX_RESTARTS,
                     self.state.steps)
-        self._proc.join(timeout=5)
+        self._trainer.kill()
         self._start_worker()
         if self.state.steps:
             self._load_state()
 
-    # ---- worker protocol ---------------------------------------------------------------
-
     def _call(self, command: Command, timeout: float, what: str, expect: type[R]) -> R:
-        """Send a command and wait for its reply; a worker that died is restarted first (nothing was lost), and
-        one that dies during the command is restarted and the command fails with a retryable 503."""
+        """Run a command on the trainer; a worker that died is restarted first (nothing was lost), and one that
+        dies during the command is restarted and the command fails with a retryable 503."""
         with self._lock:
             self.check_usable()
-            if not self._proc.is_alive():
-                self._restart_worker(f"the trainer process had died (exit code {self._proc.exitcode})")
+            if not self._trainer.alive:
+                self._restart_worker(f"the trainer process had died (exit code {self._trainer.exitcode})")
             try:
-                return self._exchange(command, timeout, what, expect)
-            except WorkerDied as e:
+                return self._trainer.call(command, timeout, what, expect)
+            except TrainerGone as e:
                 if self.state.status != "running":  # ended by supersede or cancel while the command ran
                     raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error}", 409) from e
                 self._restart_worker(str(e))
                 raise JobError(f"{e}; it was restarted from step {self.state.steps}: retry the request", 503) from e
+            except TrainerTimeout as e:
+                self._fail(str(e))
+            except TrainerRefused as e:
+                raise self._refused(e) from e
 
-    def _exchange(self, command: Command | None, timeout: float, what: str, expect: type[R]) -> R:
-        """Send `command` (None: only wait, for the worker's `Ready`) and return its reply, of type `expect`."""
-        if command is not None:
-            try:
-                send(self._conn, command)
-            except OSError as e:  # BrokenPipeError, ConnectionResetError: it died before reading
-                raise WorkerDied(f"the trainer process died (exit code {self._proc.exitcode}) before it could "
-                                 f"{what}") from e
-        deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.2):
-            if not self._proc.is_alive() and not self._conn.poll(0):
-                raise WorkerDied(f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}")
-            if time.monotonic() > deadline:
-                self._proc.kill()
-                self._fail(f"the trainer did not {what} within {timeout:.0f} s; it was stopped")
-        try:
-            reply = receive_reply(self._conn)
-        except (EOFError, OSError):
-            self._proc.join(timeout=5)
-            raise WorkerDied(
-                f"the trainer process died (exit code {self._proc.exitcode}) while trying to {what}") from None
-        if isinstance(reply, WorkerError):
-            status = 400 if reply.kind == "config" else 500
-            if status == 500:
-                self.state.error = reply.message
-            raise JobError(f"could not {what}: {reply.message}", status)
-        if not isinstance(reply, expect):
-            raise TypeError(f"the trainer answered {type(reply).__name__} where it owed {expect.__name__}")
-        return reply
+    def _refused(self, e: TrainerRefused) -> JobError:
+        """A refused config is the client's 400; any other trainer error is a 500 that `status` reports."""
+        if e.kind == "config":
+            return JobError(str(e), 400)
+        self.state.error = str(e)
+        return JobError(str(e), 500)
 
     def _fail(self, message: str) -> None:
         if self.state.status in ("cancelled", "terminated"):  # ended on purpose while this command ran
@@ -280,24 +250,18 @@ class GRPOJob:
         if self.state.status != "running":
             raise JobError(f"job {self.state.job_id} is {self.state.status}: {self.state.error or 'not running'}", 409)
 
-    def _refill(self) -> None:
-        while len(self.state.pending_batch_ids) < self.options.batches_per_step:
-            self.state.pending_batch_ids.append(self._next_batch_id)
-            self._next_batch_id += 1
-
     # ---- the job API -------------------------------------------------------------------
 
     @property
     def group_size(self) -> int | None:
         """`num_generations` when the client gave it (DSPy's GRPO does): every group must hold that many samples."""
-        size = self.options.train_kwargs.get("num_generations")
-        return None if size is None else int(size)
+        return self.options.config.num_generations
 
     @property
     def checkpoint_root(self) -> Path:
         return self.store.checkpoint_root
 
-    def step(self, groups: list[Group], batch_ids: list[int]) -> None:
+    def step(self, groups: tuple[Group, ...], batch_ids: tuple[int, ...] = ()) -> None:
         self.check_usable()
         step = self.state.steps + 1
         command = StepCommand(step, tuple(groups), self.store.export_dir(step), self.store.state_dir(step))
@@ -309,9 +273,7 @@ class GRPOJob:
         self.state.last_swap_ms = self.served.publish(result.adapter)
         self.store.after_step(step)
         log.info("step %d: %d groups, adapter swap %.1f ms", self.state.steps, len(groups), self.state.last_swap_ms)
-        done = set(batch_ids) or set(self.state.pending_batch_ids[:1])
-        self.state.pending_batch_ids = [b for b in self.state.pending_batch_ids if b not in done]
-        self._refill()
+        self.batches.retire(batch_ids)
 
     def checkpoint(self, name: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Save, and serve as `<model>@<job_id>/<name>`; returns the checkpoint's record (Arbor's shape + `model`)."""
@@ -348,31 +310,21 @@ class GRPOJob:
         self._stop_worker()
 
     def _stop_worker(self) -> None:
-        """Send `StopCommand` once the command in flight is answered, so every rank ends cleanly (another node's
-        too, whose torchrun then exits 0); a trainer busy past `STOP_GRACE_S`, or that does not stop, is killed."""
+        """Stop the trainer once the command in flight is answered; one busy past `STOP_GRACE_S` is killed."""
         if not self._lock.acquire(timeout=STOP_GRACE_S):
-            self._proc.kill()  # still busy (for a client that may be gone): its ranks elsewhere fail instead
-        else:
-            try:
-                if self._proc.is_alive():
-                    with contextlib.suppress(JobError, WorkerDied, OSError):  # no restart just to stop it
-                        self._exchange(StopCommand(), 60, "stop", Stopped)
-            finally:
-                self._lock.release()
-        self._reap()
-
-    def _reap(self) -> None:
-        self._proc.join(timeout=10)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=10)
+            self._trainer.kill()  # still busy (for a client that may be gone): its ranks elsewhere fail instead
+            return
+        try:
+            self._trainer.stop(grace=STOP_GRACE_S)
+        finally:
+            self._lock.release()
 
     def status(self) -> dict[str, Any]:
         s = self.state
         return {
             "job_id": s.job_id, "status": s.status, "current_model": self.served.model_id,
             "checkpoints": {c: dict(r) for c, r in s.checkpoints.items()}, "last_checkpoint": s.last_checkpoint,
-            "pending_batch_ids": list(s.pending_batch_ids) if s.status == "running" else [],
+            "pending_batch_ids": list(self.batches.ids) if s.status == "running" else [],
             "error": s.error, "steps": s.steps, "optimizer_steps": s.optimizer_steps, "trainer_restarts": self.restarts,
             "last_swap_ms": s.last_swap_ms, "metrics": s.last_metrics,
             "checkpoint_models": {c: r["model"] for c, r in s.checkpoints.items()},

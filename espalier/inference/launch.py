@@ -7,7 +7,7 @@
 Departures from Arbor's `arbor.init()`:
 1. Binds 127.0.0.1 on a free port by default, waits for `/health` with a timeout and fails
    with the server's log tail instead of returning a URL that is not up.
-2. Every child started here is stopped at exit (atexit), along with its own children
+2. Every child started here is stopped at exit (atexit, and on SIGTERM), along with its own children
    (vLLM, the trainer worker), so an interrupted notebook leaves no orphan engine.
 3. The recipe builds its LM without an `api_key`, and LiteLLM's OpenAI client refuses to send
    a request without one. `init()` (and Espalier's `ArborProvider()`) set `OPENAI_API_KEY`
@@ -35,7 +35,6 @@ import httpx
 from espalier.inference.server_options import ServerOptions, server_argv, server_options
 from espalier.ports import free_port
 
-_CHILDREN: list[subprocess.Popen] = []
 NO_KEY = "espalier-no-key"  # what a client sends to a server without a key (any value is accepted)
 
 
@@ -57,21 +56,40 @@ def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         pass
 
 
+class ChildServers:
+    """The servers `init` started in this process; the first one added arms the exit hooks.
+
+    A SIGTERM'd parent skips atexit by default, orphaning its servers, so arming also makes
+    SIGTERM exit cleanly (from the main thread, and only where no handler is set)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.armed = False
+
+    def add(self, proc: subprocess.Popen) -> None:
+        if not self.armed:
+            self._arm()
+        self.procs.append(proc)
+
+    def shutdown(self) -> None:
+        while self.procs:
+            _stop(self.procs.pop())
+
+    def _arm(self) -> None:
+        import threading
+
+        atexit.register(self.shutdown)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        self.armed = True
+
+
+CHILDREN = ChildServers()
+
+
 def shutdown() -> None:
     """Stop every server started by `init` in this process."""
-    while _CHILDREN:
-        _stop(_CHILDREN.pop())
-
-
-atexit.register(shutdown)
-
-
-def _exit_on_sigterm() -> None:
-    """A SIGTERM'd parent skips atexit by default, orphaning its servers: make SIGTERM exit cleanly."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    CHILDREN.shutdown()
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
@@ -101,7 +119,6 @@ def init(model: str | None = None, options: ServerOptions | None = None, timeout
     trains with N CPU processes (torch distributed, gloo). Here `port` defaults to a free port, the
     key to $ESPALIER_API_KEY, `run_dir` to a new temporary directory, and `timeout` bounds the
     engine's start and the wait for health."""
-    _exit_on_sigterm()
     if options is None:  # init's own defaults: `timeout` for the engine's start too, a fresh run directory
         settings.setdefault("engine_start_timeout", timeout)
         settings["run_dir"] = settings.get("run_dir") or tempfile.mkdtemp(prefix="espalier-serve-")
@@ -116,7 +133,7 @@ def init(model: str | None = None, options: ServerOptions | None = None, timeout
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "espalier.inference.server", *server_argv(options)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _CHILDREN.append(proc)
+    CHILDREN.add(proc)
     connect_host = "127.0.0.1" if options.host in ("0.0.0.0", "") else options.host
     url = f"http://{connect_host}:{options.port}"
     _wait_healthy(url, proc, log_path, timeout)

@@ -36,11 +36,11 @@ from espalier.inference.chat import normalize_messages, prompt_ids
 from espalier.inference.engine import EngineError, EngineUnavailable
 from espalier.inference.grpo_routes import add_grpo_routes
 from espalier.inference.http_io import CollapseSlashes, RequireKey, error_response, read_json
-from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.replicas import ReplicaSet
 from espalier.inference.server_options import ServerOptions, parse_server_options, server_parser
 from espalier.inference.serving import ServedModel, UnknownModel
-from espalier.inference.worker_protocol import TrainerFactory
+from espalier.training.protocol import TrainerFactory
+from espalier.training.worker import DEFAULT_FACTORY
 
 log = logging.getLogger(__name__)
 

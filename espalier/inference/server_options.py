@@ -52,8 +52,11 @@ class ServerOptions:
     train_processes: int = field(default=0, metadata=_help(
         "train GRPO jobs on N CPU processes (gloo) per node, for CPU clusters and tests; 0 = follow the job's "
         "num_training_gpus"))
+    train_in_process: bool = field(default=False, metadata=_help(
+        "run a GRPO job's trainer in the server's process instead of a worker process (one rank; to debug or "
+        "profile the trainer; a trainer that crashes takes the server with it, and a step has no timeout)"))
     train_nodes: int = field(default=1, metadata=_help(
-        "train GRPO jobs on N nodes: this one (the head) and N-1 that run `torchrun ... -m espalier.inference.join` "
+        "train GRPO jobs on N nodes: this one (the head) and N-1 that run `torchrun ... -m espalier.training.join` "
         "(needs --train-rdzv-endpoint)"))
     train_rdzv_endpoint: str | None = field(default=None, metadata=_help(
         "address of this machine where the other training nodes' torchrun meets it (--rdzv-endpoint)",

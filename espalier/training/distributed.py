@@ -5,7 +5,7 @@ uses `SingleProcess`, a null object, so the training loop has no `if distributed
 `launch(fn, num_processes)` starts workers on this node with torchrun's environment conventions
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); `launch_nodes(fn, nodes, n)` starts
 this node's n workers as one node of a `TrainNodes` group: torchrun's c10d rendezvous (hosted
-here, at `nodes.endpoint`), which the other nodes join with `torchrun ... -m espalier.inference.join`.
+here, at `nodes.endpoint`), which the other nodes join with `torchrun ... -m espalier.training.join`.
 Each worker calls `init_processes()` (the process group: gloo on CPU, nccl on CUDA, every
 collective under a timeout), then builds `GRPOTrainer(path, config, worker_device(), processes)`.
 Each process trains on its slice of every optimizer batch (rank::world_size) and saves
@@ -17,7 +17,7 @@ The commands (docs/DESIGN.md, "Several processes, several nodes"):
         espalier serve --train-nodes 2 --train-rdzv-endpoint HEAD:29500 [--train-processes N]
     two nodes, the other one (the model at the same path as on the head):
         torchrun --nnodes 2 --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HEAD:29500
-                 --rdzv-id espalier -m espalier.inference.join
+                 --rdzv-id espalier -m espalier.training.join
 
 Departures from DDP / Arbor:
 1. Gradients of the trainable (LoRA) parameters are summed with one flat all-reduce per
@@ -121,7 +121,7 @@ def init_processes(timeout_s: float = DEFAULT_TIMEOUT_S, leads: bool | None = No
     dist.all_gather_object(claims, leads)
     if claims.count(True) != 1:
         raise RuntimeError(f"{claims.count(True)} training ranks claim to lead, not 1: start exactly one server "
-                           "(the head) per rendezvous endpoint; the other nodes run espalier.inference.join")
+                           "(the head) per rendezvous endpoint; the other nodes run espalier.training.join")
     return TorchProcesses(claims.index(True))
 
 

@@ -1,7 +1,8 @@
 """A stand-in for `GRPOTrainer` in job tests: random adapters, optional crash, no learning.
 
-Pickled by reference into the job's worker process (the class is its own `TrainerFactory`), so it
-must live on the test path and import nothing from the tests' conftest.
+`FakeFactory` is the `TrainerFactory`: pickled by reference into the job's worker process, so it must
+live on the test path and import nothing from the tests' conftest. Its fields make the trainer die or
+dawdle, for the tests of a dying or busy trainer.
 """
 
 from __future__ import annotations
@@ -9,41 +10,43 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from espalier.types import StepMetrics
 
 
-class FakeTrainer:
-    @staticmethod
-    def check(train_kwargs: dict[str, Any]) -> None:
-        if "bogus" in train_kwargs:
-            raise ValueError("unknown train_kwargs key 'bogus'")
+@dataclass(frozen=True)
+class FakeFactory:
+    die_at_step: int | None = None  # every attempt at this optimizer step kills the process
+    die_once_marker: str | None = None  # the first step kills the process, leaving this file behind
+    step_seconds: float = 0.0  # a step that takes a while (a stop waits for it)
 
-    def __init__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes=None,
-                 on_fed=None) -> None:
+    def __call__(self, model_path: Path, config, device: str, processes=None, on_fed=None) -> FakeTrainer:
+        return FakeTrainer(model_path, self)
+
+
+class FakeTrainer:
+    def __init__(self, model_path: Path, knobs: FakeFactory) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        if "bogus" in train_kwargs:
-            raise ValueError("unknown train_kwargs key 'bogus'")
-        self.kwargs = train_kwargs
+        self.knobs = knobs
         self.optimizer_steps = 0
         self.seen: list[int] = []  # samples per step, for the test to read back through metrics
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         self.model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
 
     def train_step(self, groups) -> list[StepMetrics]:
-        if self.kwargs.get("die_at_step") == self.optimizer_steps + 1:
+        if self.knobs.die_at_step == self.optimizer_steps + 1:
             os._exit(3)
-        once = self.kwargs.get("die_once_marker")
+        once = self.knobs.die_once_marker
         if once and not Path(once).exists():
             Path(once).write_text("died")
             os._exit(9)
-        time.sleep(float(self.kwargs.get("step_seconds", 0.0)))  # a step that takes a while (a stop waits for it)
+        time.sleep(self.knobs.step_seconds)
         self.optimizer_steps += 1
         n = sum(len(g.samples) for g in groups)
         tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)

@@ -10,17 +10,17 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fake_grpo_trainer import FakeTrainer
+from fake_grpo_trainer import FakeFactory
 
 from espalier.inference.engine import Engine
 from espalier.inference.hf_engine import TransformersEngine
-from espalier.inference.job_worker import DEFAULT_FACTORY
 from espalier.inference.server import ServerSettings, create_app
 from espalier.inference.server_options import ServerOptions
 from espalier.inference.serving import ServedModel
-from espalier.inference.worker_protocol import TrainerFactory
 from espalier.models import tiny_llama
 from espalier.ports import free_port
+from espalier.training.protocol import TrainerFactory
+from espalier.training.worker import DEFAULT_FACTORY
 
 API_KEY = "test-key"
 MODEL_ID = "tiny-chat"
@@ -94,8 +94,16 @@ def stop_server(served: ServedModel, server: ServerThread) -> None:
 
 
 @pytest.fixture(scope="module")
-def served_app(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServedModel, str]]:
-    """(served model, base url) of a server whose GRPO jobs use the stand-in trainer (fake_grpo_trainer.py)."""
-    served, server = start_server(tiny_chat_dir, tmp_path_factory.mktemp("run"), FakeTrainer)
-    yield served, server.url
+def served_server(tiny_chat_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServedModel, ServerThread]]:
+    """(served model, server thread) of a server whose GRPO jobs use the stand-in trainer (fake_grpo_trainer.py)."""
+    served, server = start_server(tiny_chat_dir, tmp_path_factory.mktemp("run"), FakeFactory())
+    yield served, server
     stop_server(served, server)
+
+
+@pytest.fixture(scope="module")
+def served_app(served_server: tuple[ServedModel, ServerThread]) -> tuple[ServedModel, str]:
+    """(served model, base url) of `served_server`."""
+    served, server = served_server
+    return served, server.url

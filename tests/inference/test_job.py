@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from fake_grpo_trainer import FakeTrainer
+from fake_grpo_trainer import FakeFactory
 from serving_fixtures import API_KEY, MODEL_ID
 
-from espalier.inference.arbor_batch import groups_from_batch
+from espalier.config import TrainConfig
+from espalier.inference.arbor_wire import groups_from_batch
 from espalier.inference.job import GRPOJob, JobError, JobOptions
 from espalier.types import Group, Sample
 
@@ -28,6 +30,17 @@ def greedy(url: str, model: str = MODEL_ID) -> list[int]:
     r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=HEADERS, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
+
+
+@contextlib.contextmanager
+def trainer(served_server, factory: FakeFactory):
+    """The server's jobs build their trainer with `factory` for the duration."""
+    settings = served_server[1].server.config.app.state.settings
+    settings.trainer_factory = factory
+    try:
+        yield served_server[1].url
+    finally:
+        settings.trainer_factory = FakeFactory()
 
 
 def arbor_item(batch_id: int) -> dict:
@@ -88,11 +101,10 @@ def test_job_lifecycle_publishes_adapters_and_checkpoints(served_app):
     assert greedy(url) != base  # the trained policy stays served
 
 
-def test_a_trainer_that_dies_mid_step_is_restarted_and_the_step_retried(served_app, tmp_path):
-    _, url = served_app
-    config = {"die_once_marker": str(tmp_path / "died")}
-    job_id = post(url, "initialize", {"model": MODEL_ID, "trainer_config": config}).json()["job_id"]
-    r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
+def test_a_trainer_that_dies_mid_step_is_restarted_and_the_step_retried(served_server, tmp_path):
+    with trainer(served_server, FakeFactory(die_once_marker=str(tmp_path / "died"))) as url:
+        job_id = post(url, "initialize", {"model": MODEL_ID}).json()["job_id"]
+        r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
     assert r.status_code == 503 and "restarted from step 0: retry" in r.json()["error"]["message"]
     status = post(url, "status", {"job_id": job_id}).json()
     assert status["status"] == "running" and status["trainer_restarts"] == 1 and status["steps"] == 0
@@ -101,11 +113,11 @@ def test_a_trainer_that_dies_mid_step_is_restarted_and_the_step_retried(served_a
     post(url, "cancel", {})
 
 
-def test_a_trainer_that_keeps_dying_fails_the_job_after_its_restarts(served_app):
+def test_a_trainer_that_keeps_dying_fails_the_job_after_its_restarts(served_server):
     from espalier.inference.job import MAX_RESTARTS
 
-    _, url = served_app
-    job_id = post(url, "initialize", {"model": MODEL_ID, "trainer_config": {"die_at_step": 1}}).json()["job_id"]
+    with trainer(served_server, FakeFactory(die_at_step=1)) as url:
+        job_id = post(url, "initialize", {"model": MODEL_ID}).json()["job_id"]
     for _ in range(MAX_RESTARTS):
         assert post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]}).status_code == 503
     r = post(url, "step", {"job_id": job_id, "batch": [arbor_item(0)]})
@@ -148,7 +160,7 @@ class StubServed:
 
 def test_cancel_waits_for_the_step_in_flight_then_stops_the_trainer_cleanly(tiny_chat_dir, tmp_path):
     """A stop, not a kill: on several nodes that is what lets every rank, another node's too, exit 0."""
-    options = JobOptions(tiny_chat_dir, tmp_path, {"step_seconds": 3.0}, factory=FakeTrainer)
+    options = JobOptions(tiny_chat_dir, tmp_path, TrainConfig(), factory=FakeFactory(step_seconds=3.0))
     job = GRPOJob(StubServed(), options)
     refused: list[int] = []
 
@@ -163,5 +175,41 @@ def test_cancel_waits_for_the_step_in_flight_then_stops_the_trainer_cleanly(tiny
     time.sleep(1.0)  # the step is in flight
     job.cancel()
     thread.join(10)
-    assert job._proc.exitcode == 0 and job.state.status == "cancelled"
+    assert job._trainer.exitcode == 0 and job.state.status == "cancelled"
     assert refused == [409] and job.state.steps == 0  # the step trained, but a cancelled job publishes nothing
+
+
+class PublishingServed(StubServed):
+    """Records what the job publishes and serves as checkpoints."""
+
+    def __init__(self) -> None:
+        self.published: list[Path] = []
+        self.checkpoints: dict[str, Path] = {}
+
+    def publish(self, adapter: Path) -> float:
+        self.published.append(adapter)
+        return 1.0
+
+    def add_checkpoint(self, name: str, adapter: Path) -> str:
+        self.checkpoints[name] = adapter
+        return f"{MODEL_ID}@{name}"
+
+
+def test_an_in_process_trainer_trains_checkpoints_and_stops_like_a_worker(tiny_chat_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    config = TrainConfig(learning_rate=1e-2, gradient_accumulation_steps=1, per_device_train_batch_size=2)
+    served = PublishingServed()
+    job = GRPOJob(served, JobOptions(tiny_chat_dir, tmp_path, config, in_process=True))
+    job.step((Group((Sample((1, 2), (3, 4), 1.0), Sample((1, 2), (5,), 0.0)), key="g"),))
+    assert job.state.steps == 1 and job.state.optimizer_steps == 1
+    lora_b = [t for n, t in load_file(served.published[0] / "adapter_model.safetensors").items() if "lora_B" in n]
+    assert lora_b and any(t.abs().max() > 0 for t in lora_b)  # B starts at zero: the step trained the adapter
+    record = job.checkpoint("c1")
+    assert (Path(record["checkpoint_dir"]).is_dir() and record["global_step"] == 1
+            and served.checkpoints[f"{job.state.job_id}/c1"] == Path(record["adapter_dir"]))
+    job.terminate()
+    assert job.state.status == "terminated" and not job._trainer.alive
+    with pytest.raises(JobError, match="one rank") as refused:
+        GRPOJob(served, JobOptions(tiny_chat_dir, tmp_path / "two", config, processes=2, in_process=True))
+    assert refused.value.status == 400

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from espalier.config import TrainConfig
 from espalier.types import Group, Sample
 
 # serving_fixtures is imported where used: the ranks import this module for DyingTrainer, and it is heavy
@@ -36,11 +37,7 @@ GROUPS = [
 class DyingTrainer:
     """Rank 1 dies in its first step; pickled by reference into the ranks, so it must stay module-level."""
 
-    @staticmethod
-    def check(train_kwargs: dict) -> None:
-        """Any config: the ranks die before they read it."""
-
-    def __init__(self, model_path: Path, train_kwargs: dict, device: str, processes=None, on_fed=None) -> None:
+    def __init__(self, model_path: Path, config, device: str, processes=None, on_fed=None) -> None:
         self.rank = 0 if processes is None else processes.rank
 
     def train_step(self, groups):
@@ -106,7 +103,7 @@ def test_a_dying_rank_is_restarted_then_fails_the_job(server):
     """Rank 1 dies in every step: each death ends all ranks (no hang in a collective), the ranks are started
     again with a retryable 503, and after MAX_RESTARTS the job fails."""
     from espalier.inference.job import MAX_RESTARTS
-    from espalier.inference.job_worker import DEFAULT_FACTORY
+    from espalier.training.worker import DEFAULT_FACTORY
 
     app, url, _ = server
     configure(app, train_processes=2)
@@ -143,10 +140,11 @@ def test_placement_follows_the_device_plan():
     from espalier.inference.job import JobError, training_placement
     from espalier.inference.server_options import parse_server_options
 
-    assert training_placement({}, available=0) == ("cpu", 1, None)
-    assert training_placement({"num_training_gpus": 1, "num_inference_gpus": 1}, available=2) == ("cuda:1", 1, None)
-    assert training_placement({"num_training_gpus": 2, "num_inference_gpus": 1}, available=4) == ("cuda", 2, "1,2")
-    assert training_placement({}, train_processes=2, available=4) == ("cpu", 2, "")  # CPU ranks see no GPU
+    gpus = TrainConfig.from_kwargs
+    assert training_placement(TrainConfig(), available=0) == ("cpu", 1, None)
+    assert training_placement(gpus({"num_training_gpus": 1, "num_inference_gpus": 1}), available=2) == ("cuda:1", 1, None)
+    assert training_placement(gpus({"num_training_gpus": 2, "num_inference_gpus": 1}), available=4) == ("cuda", 2, "1,2")
+    assert training_placement(TrainConfig(), train_processes=2, available=4) == ("cpu", 2, "")  # CPU ranks see no GPU
     with pytest.raises(JobError, match="at most 4"):
-        training_placement({"num_training_gpus": 5}, available=4)
+        training_placement(gpus({"num_training_gpus": 5}), available=4)
     assert parse_server_options(["--train-processes", "2"]).train_processes == 2

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))  # the serving fixtures and fake trainer
 
-from serving_fixtures import API_KEY, MODEL_ID, served_app, tiny_chat_dir  # noqa: E402, F401
+from serving_fixtures import API_KEY, MODEL_ID, served_app, served_server, tiny_chat_dir  # noqa: E402, F401
 
 from espalier.program.provider import ArborProvider, ArborReinforceJob, GRPOJobError  # noqa: E402
 from espalier.types import Group, Sample  # noqa: E402

@@ -1,5 +1,5 @@
 """Training ranks on two nodes (simulated on this machine): the server side's job worker hosts torchrun's c10d
-rendezvous as the head, a real `torchrun --nnodes 2 ... -m espalier.inference.join` joins it; CPU, gloo, loopback.
+rendezvous as the head, a real `torchrun --nnodes 2 ... -m espalier.training.join` joins it; CPU, gloo, loopback.
 
 1. Two steps on the two nodes export the adapter one process trains on the same batches.
 2. A rank killed (SIGKILL) on either node makes the other node's rank fail fast with a message that says so,
@@ -23,8 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from espalier.config import TrainConfig
-from espalier.inference.job_worker import DEFAULT_FACTORY, HEARTBEAT_S, _missing_state, heartbeat_s, worker_main
-from espalier.inference.worker_protocol import (
+from espalier.ports import free_port
+from espalier.training import GRPOTrainer
+from espalier.training.distributed import DEFAULT_TIMEOUT_S, TrainNodes
+from espalier.training.protocol import (
     Ready,
     ResumeCommand,
     StepCommand,
@@ -36,9 +38,7 @@ from espalier.inference.worker_protocol import (
     receive_reply,
     send,
 )
-from espalier.ports import free_port
-from espalier.training import GRPOTrainer
-from espalier.training.distributed import DEFAULT_TIMEOUT_S, TrainNodes
+from espalier.training.worker import DEFAULT_FACTORY, HEARTBEAT_S, _missing_state, heartbeat_s, worker_main
 from espalier.types import Group, Sample
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -63,7 +63,7 @@ def _join_node(port: int, log: Path, timeout_s: float) -> subprocess.Popen:
     """Node 1: the command a user runs on the other machine (is_host=0: on one machine, never host the store)."""
     command = [TORCHRUN, "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"{HEAD}:{port}", "--rdzv-id", "espalier", "--rdzv-conf", "is_host=0",
-               "--local-addr", "127.0.0.1", "-m", "espalier.inference.join", "--timeout", str(timeout_s)]
+               "--local-addr", "127.0.0.1", "-m", "espalier.training.join", "--timeout", str(timeout_s)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LOGLEVEL": "INFO"}  # INFO: its global ranks
     return subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
@@ -71,7 +71,8 @@ def _join_node(port: int, log: Path, timeout_s: float) -> subprocess.Popen:
 def _head_node(model_dir: Path, port: int, timeout_s: float, log_dir: Path):
     """Node 0: the job worker the server starts, as a GRPO job does (job.py), with one rank on this node."""
     nodes = TrainNodes(f"{HEAD}:{port}", 2, join_timeout_s=RDZV_TIMEOUT_S, timeout_s=timeout_s, log_dir=log_dir)
-    spec = WorkerSpec(DEFAULT_FACTORY, model_dir, KWARGS | {"per_device_train_batch_size": 2}, nodes=nodes)
+    spec = WorkerSpec(DEFAULT_FACTORY, model_dir, TrainConfig.from_kwargs(KWARGS | {"per_device_train_batch_size": 2}),
+                      nodes=nodes)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
@@ -153,7 +154,7 @@ def test_a_killed_rank_fails_the_other_node_fast_and_clearly(tiny_llama_dir: Pat
         else:  # the joining node's rank waits in the broadcast of the next command or heartbeat
             assert joined.wait(fast) != 0
             message = (tmp_path / "join.log").read_text()
-            assert "espalier.inference.join on" in message and "lost the other training ranks" in message, message
+            assert "espalier.training.join on" in message and "lost the other training ranks" in message, message
         assert time.monotonic() - killed < fast
         assert "timed out" not in message.lower(), message  # the peer's death, not a collective's timeout
     finally:
@@ -201,7 +202,8 @@ def test_join_exits_0_when_the_job_is_refused_for_its_config(monkeypatch: pytest
                                                             capsys: pytest.CaptureFixture, kind: str,
                                                             exits: bool) -> None:
     """A client's bad train_kwargs is the job's error, not this node's: the node's loop goes on quietly."""
-    from espalier.inference import job_worker, join
+    from espalier.training import join
+    from espalier.training import worker as job_worker
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(job_worker, "rank_main", lambda *args: WorkerError(kind, "learning_rate must be positive"))

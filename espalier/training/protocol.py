@@ -1,6 +1,6 @@
 """The messages between a GRPO job (server process) and its trainer worker process, and how they travel.
 
-    job.GRPOJob ──Command──▶ job_worker (rank 0) ──Command or Heartbeat──▶ ranks 1..N-1 (broadcast)
+    job.GRPOJob ──Command──▶ worker.py (rank 0) ──Command or Heartbeat──▶ ranks 1..N-1 (broadcast)
                 ◀──Reply───
 
 The worker is started with a `WorkerSpec`; it answers `Ready` (or a `WorkerError`), then each
@@ -22,38 +22,37 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from espalier.pipes import receive_typed, send_typed
 from espalier.types import Group, StepMetrics
 
 if TYPE_CHECKING:
+    from espalier.config import TrainConfig
     from espalier.training.distributed import TrainNodes
 
 
 class TrainerFactory(Protocol):
-    """Builds the worker's trainer (`job_worker.GRPOTrainerFactory`, or a stand-in with the same two methods).
+    """Builds the worker's trainer (`worker.GRPOTrainerFactory`, or a stand-in called the same way).
 
     It crosses the worker's spawn pickled by reference: a module-level class or an instance of one."""
 
-    def check(self, train_kwargs: dict[str, Any]) -> None:
-        """Raise ValueError or TypeError naming the fix for a config the trainer would refuse (the server answers
-        400 before it ends a running job for it)."""
-
-    def __call__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes: Any = None,
+    def __call__(self, model_path: Path, config: TrainConfig, device: str, processes: Any = None,
                  on_fed: Any = None) -> Any:
-        """The trainer: `train_step(groups)`, `save_checkpoint`, ... per DESIGN.md's contract."""
+        """The trainer: `train_step(groups)`, `save_checkpoint`, ... per DESIGN.md's contract; a ValueError is a
+        config the trainer refuses (HTTP 400)."""
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a trainer worker process is started with."""
 
-    factory: TrainerFactory  # builds the trainer in the worker (job_worker.DEFAULT_FACTORY, or a stand-in)
+    factory: TrainerFactory  # builds the trainer in the worker (worker.DEFAULT_FACTORY, or a stand-in)
     model_path: Path
-    train_kwargs: dict[str, Any]
+    config: TrainConfig  # validated once, where the job's request arrived
     device: str = "cpu"
-    processes: int = 1  # > 1: that many ranks (job_worker.py)
+    processes: int = 1  # > 1: that many ranks (worker.py)
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES of the ranks ("" = CPU ranks)
     record_dir: Path | None = None  # every fed sequence is appended under it (training/record.py); None: not recorded
-    nodes: TrainNodes | None = None  # several nodes: `processes` ranks on each (job_worker.py); None: this one only
+    nodes: TrainNodes | None = None  # several nodes: `processes` ranks on each (worker.py); None: this one only
 
 
 # ---- commands: job -> worker -> ranks -------------------------------------------------------
@@ -90,7 +89,7 @@ class StopCommand:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Rank 0 -> the other ranks while the job sends nothing, so their wait never times out (job_worker.py)."""
+    """Rank 0 -> the other ranks while the job sends nothing, so their wait never times out (worker.py)."""
 
 
 Command = StepCommand | CheckpointCommand | ResumeCommand | StopCommand
@@ -129,7 +128,7 @@ class Stopped:
 
 @dataclass(frozen=True)
 class WorkerError:
-    """A command (or the trainer's start) failed: "config" is a bad train_kwargs (-> HTTP 400), "trainer" anything
+    """A command (or the trainer's start) failed: "config" is a config the trainer refused (-> HTTP 400), "trainer" anything
     else (-> 500, with the traceback in `message`)."""
 
     kind: Literal["config", "trainer"]
@@ -146,13 +145,6 @@ def send(conn: Connection, message: Command | Reply) -> None:
     send_typed(conn, message, COMMANDS + REPLIES)
 
 
-def send_typed(conn: Connection, message: Any, kinds: tuple[type, ...]) -> None:
-    """Put `message`, one of `kinds`, on the pipe (any typed pipe: this one, engine_process.py's)."""
-    if not isinstance(message, kinds):
-        raise TypeError(f"not one of {[k.__name__ for k in kinds]}: {message!r}")
-    conn.send(message)
-
-
 def receive_command(conn: Connection) -> Command:
     """The worker's next command; raises EOFError when the job closed the pipe."""
     return receive_typed(conn, COMMANDS)
@@ -161,11 +153,3 @@ def receive_command(conn: Connection) -> Command:
 def receive_reply(conn: Connection) -> Reply:
     """The worker's next reply; raises EOFError (or OSError) when the worker is gone."""
     return receive_typed(conn, REPLIES)
-
-
-def receive_typed(conn: Connection, kinds: tuple[type, ...]) -> Any:
-    """The next message on the pipe, which must be one of `kinds`; EOFError when the other end closed it."""
-    message = conn.recv()
-    if not isinstance(message, kinds):
-        raise TypeError(f"expected one of {[k.__name__ for k in kinds]} on the pipe, got {type(message).__name__}")
-    return message

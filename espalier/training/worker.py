@@ -1,7 +1,7 @@
 """The trainer worker process of a GRPO job: owns the `GRPOTrainer`, obeys commands on a pipe.
 
 Started with a `WorkerSpec`, it answers `Ready` or a `WorkerError`, then each command of
-`worker_protocol.py` with its reply: `StepCommand` -> `StepDone`, `ResumeCommand` -> `Resumed`
+`protocol.py` with its reply: `StepCommand` -> `StepDone`, `ResumeCommand` -> `Resumed`
 (a restarted worker loads the saved state), `CheckpointCommand` -> `CheckpointSaved`,
 `StopCommand` -> `Stopped`, or a `WorkerError` whose kind is "config" for a bad train_kwargs
 (-> HTTP 400) and "trainer" otherwise. The process exits on a stop or when the pipe closes.
@@ -26,7 +26,7 @@ Departures from Arbor:
    rank r > 0 records its share of the sequences to `step-N.rank<r>.jsonl` (on its node's disk).
 5. Several nodes (`spec.nodes`, a `TrainNodes`): this process hosts torchrun's c10d rendezvous
    and starts the head's ranks through torchrun's agent (`distributed.launch_nodes`); the other
-   nodes run `torchrun ... -m espalier.inference.join`, whose ranks get the `WorkerSpec` from
+   nodes run `torchrun ... -m espalier.training.join`, whose ranks get the `WorkerSpec` from
    rank 0 and run the same loop. Rank 0 is the head's first rank (the one with the pipe), so
    adapters and checkpoints are written on the server's machine. Before the trainer is built the
    ranks compare their package versions and check the model path; a node that disagrees is a
@@ -48,7 +48,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from espalier.inference.worker_protocol import (
+from espalier.training.protocol import (
     CheckpointCommand,
     CheckpointSaved,
     Command,
@@ -68,6 +68,7 @@ from espalier.inference.worker_protocol import (
 )
 
 if TYPE_CHECKING:
+    from espalier.config import TrainConfig
     from espalier.training.distributed import Processes, TorchProcesses
     from espalier.training.record import OnFed, SequenceRecorder
 
@@ -80,20 +81,13 @@ def heartbeat_s(timeout_s: float) -> float:
 
 
 class GRPOTrainerFactory:
-    """The real trainer (`worker_protocol.TrainerFactory`); `processes` is given on several ranks, `on_fed` when
-    the job records what is trained."""
+    """The real trainer (`protocol.TrainerFactory`); `processes` is given on several ranks, `on_fed` when the job
+    records what is trained."""
 
-    def check(self, train_kwargs: dict[str, Any]) -> None:
-        from espalier.config import TrainConfig
-
-        TrainConfig.from_kwargs(train_kwargs)
-
-    def __call__(self, model_path: Path, train_kwargs: dict[str, Any], device: str, processes: Processes | None = None,
+    def __call__(self, model_path: Path, config: TrainConfig, device: str, processes: Processes | None = None,
                  on_fed: OnFed | None = None):
-        from espalier.config import TrainConfig
         from espalier.training import GRPOTrainer
 
-        config = TrainConfig.from_kwargs(train_kwargs)
         return GRPOTrainer(model_path, config, device=device, processes=processes, on_fed=on_fed)
 
 
@@ -104,17 +98,17 @@ def _trainer_error(e: Exception) -> WorkerError:
     return WorkerError("trainer", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
 
 
-def _recorder(spec: WorkerSpec, rank: int) -> SequenceRecorder | None:
+def recorder_for(spec: WorkerSpec, rank: int) -> SequenceRecorder | None:
     from espalier.training.record import SequenceRecorder
 
     return None if spec.record_dir is None else SequenceRecorder(spec.record_dir, rank)
 
 
-def _start(spec: WorkerSpec, device: str, processes: Processes | None,
+def build_trainer(spec: WorkerSpec, device: str, processes: Processes | None,
            recorder: SequenceRecorder | None) -> tuple[Any, WorkerError | None]:
     """(trainer, None), or (None, the error to reply with)."""
     try:
-        return spec.factory(spec.model_path, spec.train_kwargs, device, processes=processes, on_fed=recorder), None
+        return spec.factory(spec.model_path, spec.config, device, processes=processes, on_fed=recorder), None
     except ValueError as e:
         return None, WorkerError("config", str(e))
     except Exception as e:
@@ -146,7 +140,7 @@ def _handle(trainer, recorder: SequenceRecorder | None, command: Command) -> Rep
     raise TypeError(f"the worker cannot run {command!r}")
 
 
-def _run(trainer, recorder: SequenceRecorder | None, command: Command) -> Reply:
+def run_command(trainer, recorder: SequenceRecorder | None, command: Command) -> Reply:
     try:
         return _handle(trainer, recorder, command)
     except Exception as e:
@@ -166,8 +160,8 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     if spec.processes > 1 or spec.nodes is not None:
         _launch_ranks(conn, spec)
         return
-    recorder = _recorder(spec, 0)
-    trainer, error = _start(spec, spec.device, None, recorder)
+    recorder = recorder_for(spec, 0)
+    trainer, error = build_trainer(spec, spec.device, None, recorder)
     send(conn, error or Ready())
     while error is None:
         command = _receive(conn)
@@ -175,7 +169,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
             if command is not None:
                 send(conn, Stopped())
             return
-        send(conn, _run(trainer, recorder, command))
+        send(conn, run_command(trainer, recorder, command))
 
 
 # ---- several ranks -----------------------------------------------------------------------
@@ -238,10 +232,10 @@ def rank_main(conn: Connection | None, spec: WorkerSpec | None, timeout_s: float
     joined = spec is None
     spec = processes.broadcast_object(spec, torch.device(device))
     heartbeat = heartbeat_s(min(processes.gather_objects(timeout_s)))  # each rank waits by its own timeout
-    recorder = _recorder(spec, processes.rank)
+    recorder = recorder_for(spec, processes.rank)
     trainer, error = None, _node_error(spec, processes, joined)
     if error is None:
-        trainer, error = _start(spec, device, processes, recorder)
+        trainer, error = build_trainer(spec, device, processes, recorder)
     error = next((e for e in processes.gather_objects(error) if e is not None), None)
     if conn is not None:
         send(conn, error or Ready())
@@ -317,7 +311,7 @@ def _rank_loop(conn: Connection | None, trainer, recorder: SequenceRecorder | No
         if isinstance(command, Heartbeat):
             continue
         missing = _missing_state(command, processes) if isinstance(command, ResumeCommand) else None
-        reply = missing or _run(trainer, recorder, command)
+        reply = missing or run_command(trainer, recorder, command)
         if conn is not None:
             send(conn, reply)
         if isinstance(reply, WorkerError):  # the ranks may be out of step now: end them all (the launcher sees it)
