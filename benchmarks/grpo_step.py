@@ -61,7 +61,7 @@ def compile_once(bench, server: dict, n_val: int) -> dict:
     compiler.validation_score = lambda result: (marks["val_end"].append(time.perf_counter()), score(result))[1]
     with dspy.context(adapter=adapter, callbacks=[spans]), PeakSampler(server["pid"]) as sampler:
         compiler.compile(student=program, trainset=bench.data.train, valset=bench.data.dev[:n_val])
-    return {"history": compiler.history, "events": provider.events, "marks": marks, "spans": spans,
+    return {"history": [r.to_dict() for r in compiler.history], "events": provider.events, "marks": marks, "spans": spans,
             "metric": metric, "search": search, "memory": sampler.by_role()}
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from dspy.utils.callback import BaseCallback
 
 from espalier.program.provider import ArborProvider, ArborReinforceJob
+from espalier.types import JobStatus
 
 
 class TimedJob(ArborReinforceJob):
@@ -25,7 +26,8 @@ class TimedJob(ArborReinforceJob):
     def _timed(self, what: str, fn: Callable, *args: Any) -> Any:
         start = time.perf_counter()
         status = fn(*args)
-        self.events.append((what, start, time.perf_counter(), status))
+        body = status.to_dict() if isinstance(status, JobStatus) else status  # the status as the server sent it
+        self.events.append((what, start, time.perf_counter(), body))
         return status
 
     def initialize(self):

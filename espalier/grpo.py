@@ -42,6 +42,7 @@ from espalier.grpo_session import (
     step_with_retry,
     terminate,
 )
+from espalier.history import Record, StepRecord, ValRecord, steps
 from espalier.program.provider import GRPOJobError
 from espalier.program.served import model_variant, served_copy, single_lm, teachers_of
 from espalier.rollout.grouping import build_groups
@@ -102,7 +103,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         self.config = CompileConfig.from_arguments(locals())  # the arguments that are its fields, validated
         self.rng = random.Random(seed)  # draws the examples: the same order whatever the rollouts do
         self.fill_rng = random.Random(seed + 1)  # the grouping's random fill of variably invoked predictors
-        self.history: list[dict[str, Any]] = []  # one record per step and per validation, for summaries
+        self.history: list[Record] = []  # one record per step and per validation (espalier/history.py)
         # Hooks, all optional: see each step's rollouts and groups (logging, tests, custom stop rules),
         # and choose the number that ranks checkpoints (default: the mean validation metric).
         self.on_rollouts: Callable[[list[Rollout]], Any] | None = None
@@ -216,22 +217,22 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
         )
         if self.on_groups:
             self.on_groups(groups)
-        train = step_with_retry(run.job, groups, run.server_steps) if groups else {"metrics": [], "optimizer_steps": 0}
-        run.server_steps = train.get("steps", run.server_steps)
+        trained = step_with_retry(run.job, groups, run.server_steps) if groups else None
+        run.server_steps = trained.steps if trained else run.server_steps
         t2 = time.perf_counter()
-        metrics = step_metrics(rollouts, groups, train.get("metrics", []), t1 - t0, t2 - t1)
-        self.history.append({"kind": "step", "step": step + 1, "timestamp": time.time(), **metrics})
+        metrics = step_metrics(rollouts, groups, list(trained.metrics) if trained else [], t1 - t0, t2 - t1)
+        self.history.append(StepRecord(step + 1, time.time(), metrics))
         run.failed_steps = run.failed_steps + 1 if failed_for_errors(rollouts, groups) else 0
         if run.failed_steps >= MAX_FAILED_STEPS:
             raise RolloutError(
                 f"{run.failed_steps} consecutive steps had no trainable group because their runs failed, e.g. "
                 f"{first_error(rollouts)}; check that the Espalier server is up and the program runs"
             )
-        seconds = [h["time/rollouts_s"] + h["time/train_s"] for h in self.history if h["kind"] == "step"]
+        seconds = [r.seconds for r in steps(self.history)]
         eta = sum(seconds) / len(seconds) * (cfg.num_train_steps - step - 1)
         logger.info("%s, about %s left", step_line(step + 1, cfg.num_train_steps, metrics), duration(eta))
         cap = self.train_config.max_steps
-        capped = bool(cap) and train.get("optimizer_steps", 0) >= cap
+        capped = bool(cap) and trained is not None and trained.optimizer_steps >= cap
         return {"metrics": metrics, "completions": completion_rows(rollouts), "capped": capped}
 
     def _draw(self, run: Session) -> list[tuple[int, dspy.Example]]:
@@ -279,9 +280,7 @@ class ArborGRPO(dspy.teleprompt.Teleprompter):
             train_result = evaluate(program, run.trainset, self.metric, cfg.num_threads, self.adapter, desc="train score")
             metrics.update({f"train/{k}": v for k, v in train_result.to_dict().items()})
         run.tracker.log(metrics, step)
-        self.history.append(
-            {"kind": "val", "step": step, "timestamp": time.time(), "time_s": time.perf_counter() - t0, **result.to_dict()}
-        )
+        self.history.append(ValRecord(step, time.time(), time.perf_counter() - t0, result))
         logger.info(
             "validation @ step %d: score %.3f, format failures %.0f%%, errors %.0f%% (%d examples)",
             step,

@@ -9,8 +9,10 @@ from typing import Any
 
 import dspy
 
+from espalier.history import Record, record_from_dict
 from espalier.program.provider import GRPOJobError
 from espalier.resume import CompileState, rng_state, set_rng_state
+from espalier.types import JobStatus
 
 logger = logging.getLogger("espalier.grpo")
 
@@ -46,7 +48,7 @@ def terminate(job) -> None:
         logger.warning("could not terminate the GRPO job cleanly: %s", e)
 
 
-def step_with_retry(job, groups: list, steps_before: int) -> dict[str, Any]:
+def step_with_retry(job, groups: list, steps_before: int) -> JobStatus:
     """One GRPO step; after a 503 (the server restarted a dead trainer from the last step) it is sent once more,
     unless the server's step count says it was trained after all (a 503 from publishing the new policy)."""
     try:
@@ -54,8 +56,8 @@ def step_with_retry(job, groups: list, steps_before: int) -> dict[str, Any]:
     except GRPOJobError as e:
         if e.status_code != 503:
             raise
-        status = job.get_status()
-        if status.get("steps", steps_before) > steps_before:
+        status = JobStatus.from_dict(job.get_status())
+        if status.steps > steps_before:
             logger.warning("%s; the server trained the step nonetheless", e)
             return status
         logger.warning("%s; retrying the step once", e)
@@ -98,17 +100,18 @@ def start_job(lm: dspy.LM, train_kwargs: dict[str, Any], state: CompileState | N
     return job
 
 
-def save_state(run: Session, rng, fill_rng, history: list[dict[str, Any]]) -> None:
+def save_state(run: Session, rng, fill_rng, history: list[Record]) -> None:
     best = None if run.best_score == float("-inf") else run.best_score
     CompileState(
         job_id=run.job.job_id, steps_done=run.steps_done, server_steps=run.server_steps,
         last_validated=run.last_validated,
         failed_steps=run.failed_steps, best_score=best, best_step=run.best_step, best_name=run.best_name,
-        rng=rng_state(rng), fill_rng=rng_state(fill_rng), order=run.order, cursor=run.cursor, history=history,
+        rng=rng_state(rng), fill_rng=rng_state(fill_rng), order=run.order, cursor=run.cursor,
+        history=[r.to_dict() for r in history],
     ).write(run.run_dir)
 
 
-def restore(run: Session, state: CompileState, rng, fill_rng) -> list[dict[str, Any]]:
+def restore(run: Session, state: CompileState, rng, fill_rng) -> list[Record]:
     """Put the saved run's counters, best checkpoint and random state back; returns its history."""
     run.steps_done, run.last_validated, run.failed_steps = state.steps_done, state.last_validated, state.failed_steps
     run.server_steps = state.server_steps
@@ -118,4 +121,4 @@ def restore(run: Session, state: CompileState, rng, fill_rng) -> list[dict[str, 
     set_rng_state(rng, state.rng)
     if state.fill_rng:  # absent from a state saved before the two were split: the fill starts afresh
         set_rng_state(fill_rng, state.fill_rng)
-    return list(state.history)
+    return [record_from_dict(r) for r in state.history]

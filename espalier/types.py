@@ -131,6 +131,40 @@ class StepMetrics:
         return {k: _finite_or_none(v) for k, v in asdict(self).items()}
 
 
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A GRPO job as the server reports it after every job request: Arbor's status fields, plus Espalier's.
+
+    `metrics` are the last step's `StepMetrics.to_dict()`s; `checkpoints` maps a name to Arbor's
+    checkpoint record plus the `model` that serves it."""
+
+    job_id: str
+    status: str  # initializing | running | failed | cancelled | terminated
+    current_model: str = ""
+    steps: int = 0  # GRPO steps trained and published
+    optimizer_steps: int = 0
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+    pending_batch_ids: tuple[int, ...] = ()  # Arbor's: the batches the job waits for
+    error: str | None = None
+    trainer_restarts: int = 0
+    last_swap_ms: float | None = None  # how long publishing the last step's policy took
+    metrics: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["checkpoint_models"] = {name: record["model"] for name, record in self.checkpoints.items()}
+        return {**data, "pending_batch_ids": list(self.pending_batch_ids), "metrics": list(self.metrics)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> JobStatus:
+        """A status body; fields this version does not know are ignored (a newer server may add some)."""
+        known = {f: data[f] for f in JobStatus.__dataclass_fields__ if f in data}
+        return JobStatus(**{**known, "pending_batch_ids": tuple(known.get("pending_batch_ids", ())),
+                            "metrics": tuple(known.get("metrics", ()))})
+
+
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _finite_or_none(v) for k, v in value.items()}

@@ -13,6 +13,7 @@ import pytest
 
 import espalier
 from espalier import ArborGRPO, ArborProvider
+from espalier.history import steps
 from espalier.program.adapter import PrefillChatAdapter
 
 pytestmark = pytest.mark.slow
@@ -57,8 +58,8 @@ def _step(server, tmp_path, lm_sampling: dict, train_kwargs: dict) -> dict:
     examples = [dspy.Example(question=f"q {i}?").with_inputs("question") for i in range(2)]
     with dspy.context(adapter=PrefillChatAdapter()):
         compiler.compile(student=program, trainset=examples)
-    [step] = [h for h in compiler.history if h["kind"] == "step"]
-    return step
+    [step] = steps(compiler.history)
+    return step.metrics
 
 
 SETTINGS = {

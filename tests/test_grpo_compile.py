@@ -17,6 +17,7 @@ import pytest
 
 import espalier
 from espalier import ArborGRPO, ArborProvider
+from espalier.history import steps, validations
 from espalier.program.adapter import PrefillChatAdapter
 
 pytestmark = pytest.mark.slow
@@ -108,8 +109,8 @@ def test_sampled_tokens_are_trained_and_nothing_is_dropped(server, tmp_path):
 
     calls_per_run = 2
     assert sum(len(g.samples) for g in sent) == k * G * calls_per_run
-    step = [h for h in compiler.history if h["kind"] == "step"][0]
-    assert step["groups/sequences"] == k * G * calls_per_run
+    step = steps(compiler.history)[0]
+    assert step.metrics["groups/sequences"] == k * G * calls_per_run
     sampled = sorted((list(s.prompt_ids), list(s.completion_ids)) for g in sent for s in g.samples)
     assert sorted((t["prompt_ids"], t["completion_ids"]) for t in trained) == sampled
 
@@ -201,8 +202,8 @@ def test_steps_whose_runs_all_fail_stop_the_run_with_the_reason(server, tmp_path
                          num_train_steps=10, checkpoint="none", run_dir=str(tmp_path))
     with pytest.raises(RolloutError, match="3 consecutive steps.*connection refused"):
         compiler.compile(student=program, trainset=_examples(2))
-    steps = [h for h in compiler.history if h["kind"] == "step"]
-    assert len(steps) == 3 and all(h["rollouts/errors"] == 4 and h["groups/count"] == 0 for h in steps)
+    done = steps(compiler.history)
+    assert len(done) == 3 and all(r.metrics["rollouts/errors"] == 4 and r.metrics["groups/count"] == 0 for r in done)
 
 
 def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
@@ -222,8 +223,8 @@ def test_returns_the_best_checkpoint_not_the_last(server, tmp_path):
     optimized = compiler.compile(student=program, trainset=_examples(2), valset=_examples(2, "v"))
 
     assert seen[0][:2] == (0, 2) and seen[1:] == [(2, 2, True), (4, 2, True)]
-    stamps = [h["timestamp"] for h in compiler.history]
-    assert stamps == sorted(stamps) and all(h["time_s"] > 0 for h in compiler.history if h["kind"] == "val")
+    stamps = [r.timestamp for r in compiler.history]
+    assert stamps == sorted(stamps) and all(r.time_s > 0 for r in validations(compiler.history))
     model = optimized.predictors()[0].lm.model
     job_id = model.split("@")[1].split("/")[0]
     assert model == f"openai/arbor:{server['model']}@{job_id}/step-2"  # this job's step 2, no other job's
@@ -249,8 +250,7 @@ def test_stop_request_ends_training_gracefully(server, tmp_path):
                          num_train_steps=1000, checkpoint="last", adapter=PrefillChatAdapter(), run_dir=str(tmp_path))
     compiler.on_groups = lambda groups: compiler.request_stop() if len(compiler.history) >= 2 else None
     optimized = compiler.compile(student=program, trainset=_examples(2))
-    steps = [h for h in compiler.history if h["kind"] == "step"]
-    assert 2 <= len(steps) <= 3
+    assert 2 <= len(steps(compiler.history)) <= 3
     assert optimized.predictors()[0].lm.model.endswith("/last")
 
 
@@ -300,10 +300,10 @@ def test_reference_recipe_runs_verbatim(server, tmp_path, monkeypatch):
     # ---- end of the recipe's code ----
     set_search(None)
 
-    steps = [h for h in compiler.history if h["kind"] == "step"]
-    assert len(steps) == 2
-    assert all(s["groups/sequences"] >= 6 * 24 for s in steps)  # at least one call per run, all trained
-    assert [h["step"] for h in compiler.history if h["kind"] == "val"] == [0, 2]
+    done = steps(compiler.history)
+    assert len(done) == 2
+    assert all(r.metrics["groups/sequences"] >= 6 * 24 for r in done)  # at least one call per run, all trained
+    assert [r.step for r in validations(compiler.history)] == [0, 2]
     assert optimized_program.predictors()[0].lm.model.startswith(f"openai/arbor:{server['model']}@")
 
 
@@ -377,7 +377,7 @@ def test_a_json_fallback_retry_is_not_the_predictors_next_invocation(server, tmp
     assert all(r.failure and r.failure.startswith("format") for r in rollouts)  # `draft` never parses
     assert all([(c.predictor, c.invocation) for c in r.calls] == [("draft", 0)] for r in rollouts)
     assert all(r.fallback_calls == 1 for r in rollouts)
-    step = [h for h in compiler.history if h["kind"] == "step"][0]
+    step = steps(compiler.history)[0].metrics
     assert step["rollouts/json_fallback_calls"] == 4 and step["groups/sequences"] == 4
     from transformers import AutoTokenizer
 

@@ -20,6 +20,7 @@ SCRIPT = r'''
 import json, os, signal, sys, threading
 import dspy
 from espalier import ArborGRPO, ArborProvider
+from espalier.history import steps, validations
 from espalier.program.adapter import PrefillChatAdapter
 
 base_url, api_key, model, run_dir, resume, kill_at = sys.argv[1:7]
@@ -46,22 +47,22 @@ compiler = ArborGRPO(metric=varied, num_dspy_examples_per_grpo_step=2, num_rollo
                      train_kwargs={"per_device_train_batch_size": 2, "learning_rate": 1e-3})
 
 def on_rollouts(rollouts):
-    step = 1 + sum(h["kind"] == "step" for h in compiler.history)
+    step = 1 + len(steps(compiler.history))
     print(json.dumps({"step": step, "examples": sorted({r.example_index for r in rollouts})}), flush=True)
     if kill_at == f"rollouts-{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 def on_groups(groups):
-    step = 1 + sum(h["kind"] == "step" for h in compiler.history)
+    step = 1 + len(steps(compiler.history))
     if kill_at == f"training-{step}":  # while the step's request is being trained on
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 compiler.on_rollouts, compiler.on_groups = on_rollouts, on_groups
 with dspy.context(adapter=PrefillChatAdapter()):
     compiled = compiler.compile(program, trainset=examples, valset=examples[:3], resume=resume == "1")
-steps = [h["step"] for h in compiler.history if h["kind"] == "step"]
-vals = [h["step"] for h in compiler.history if h["kind"] == "val"]
-print(json.dumps({"steps": steps, "vals": vals, "model": compiled.predictors()[0].lm.model}), flush=True)
+done = [r.step for r in steps(compiler.history)]
+vals = [r.step for r in validations(compiler.history)]
+print(json.dumps({"steps": done, "vals": vals, "model": compiled.predictors()[0].lm.model}), flush=True)
 '''
 
 

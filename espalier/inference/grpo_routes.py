@@ -94,7 +94,7 @@ def add_grpo_routes(app: FastAPI) -> None:
             app.state.replaced[current.state.job_id] = job.state.job_id
         app.state.replaced.pop(job.state.job_id, None)  # a resumed job answers to its id again
         app.state.job = job
-        return job.status()
+        return job.status().to_dict()
 
     def _check_resumable(resume: tuple[str, int] | None) -> None:
         run_dir = settings.options.run_dir
@@ -114,11 +114,11 @@ def add_grpo_routes(app: FastAPI) -> None:
 
     @app.post("/v1/fine_tuning/grpo/status")
     async def status(request: Request):
-        return _job(request, await read_json(request, limit)).status()
+        return _job(request, await read_json(request, limit)).status().to_dict()
 
     @app.get("/v1/fine_tuning/grpo/status")
     async def status_get(request: Request):
-        return _job(request, dict(request.query_params)).status()
+        return _job(request, dict(request.query_params)).status().to_dict()
 
     @app.post("/v1/fine_tuning/grpo/step")
     async def step(request: Request):
@@ -127,7 +127,7 @@ def add_grpo_routes(app: FastAPI) -> None:
         job.check_usable()  # a step to an ended job is a 409 whatever its groups
         asked = wire.step_request(body, served.engine.tokenizer, vocab, served.engine.max_model_len, job.group_size)
         await run_in_threadpool(job.step, asked.groups, asked.batch_ids)
-        return job.status()
+        return job.status().to_dict()
 
     @app.post("/v1/fine_tuning/grpo/checkpoint")
     async def checkpoint(request: Request):
@@ -135,16 +135,16 @@ def add_grpo_routes(app: FastAPI) -> None:
         job = _job(request, body)
         asked = wire.checkpoint_request(body)
         await run_in_threadpool(job.checkpoint, asked.name, asked.metadata)
-        return job.status()
+        return job.status().to_dict()
 
     @app.post("/v1/fine_tuning/grpo/cancel")
     async def cancel(request: Request):
         job = _job(request, await read_json(request, limit))
         await run_in_threadpool(job.cancel)
-        return job.status()
+        return job.status().to_dict()
 
     @app.post("/v1/fine_tuning/grpo/terminate")
     async def terminate(request: Request):
         job = _job(request, await read_json(request, limit))
         await run_in_threadpool(job.terminate)
-        return job.status()
+        return job.status().to_dict()

@@ -68,7 +68,7 @@ from espalier.training.protocol import (
     WorkerSpec,
 )
 from espalier.training.worker import DEFAULT_FACTORY
-from espalier.types import Group
+from espalier.types import Group, JobStatus
 
 if TYPE_CHECKING:
     from espalier.config import TrainConfig
@@ -319,13 +319,12 @@ class GRPOJob:
         finally:
             self._lock.release()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> JobStatus:
         s = self.state
-        return {
-            "job_id": s.job_id, "status": s.status, "current_model": self.served.model_id,
-            "checkpoints": {c: dict(r) for c, r in s.checkpoints.items()}, "last_checkpoint": s.last_checkpoint,
-            "pending_batch_ids": list(self.batches.ids) if s.status == "running" else [],
-            "error": s.error, "steps": s.steps, "optimizer_steps": s.optimizer_steps, "trainer_restarts": self.restarts,
-            "last_swap_ms": s.last_swap_ms, "metrics": s.last_metrics,
-            "checkpoint_models": {c: r["model"] for c, r in s.checkpoints.items()},
-        }
+        return JobStatus(
+            job_id=s.job_id, status=s.status, current_model=self.served.model_id,
+            checkpoints={c: dict(r) for c, r in s.checkpoints.items()}, last_checkpoint=s.last_checkpoint,
+            pending_batch_ids=tuple(self.batches.ids) if s.status == "running" else (), error=s.error, steps=s.steps,
+            optimizer_steps=s.optimizer_steps, trainer_restarts=self.restarts, last_swap_ms=s.last_swap_ms,
+            metrics=tuple(s.last_metrics),
+        )

@@ -34,7 +34,7 @@ from dspy.clients.provider import ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
 from espalier.inference.launch import default_client_key
-from espalier.types import Group
+from espalier.types import Group, JobStatus
 
 PREFIX = "openai/arbor:"
 
@@ -110,11 +110,11 @@ class ArborReinforceJob(ReinforceJob):
             raise ValueError(f"GRPO steps take the grpo_chat format, got {train_data_format!r}")
         return self._post("step", self._body(batch=train_data))
 
-    def step_groups(self, groups: Sequence[Group]) -> dict[str, Any]:
+    def step_groups(self, groups: Sequence[Group]) -> JobStatus:
         """Train on `espalier.types.Group`s with their exact token ids; returns the job status."""
         if not groups:
             raise ValueError("step_groups needs at least one group")
-        return self._post("step", self._body(groups=[g.to_dict() for g in groups]))
+        return JobStatus.from_dict(self._post("step", self._body(groups=[g.to_dict() for g in groups])))
 
     def get_status(self) -> dict[str, Any]:
         return self._post("status", self._body())

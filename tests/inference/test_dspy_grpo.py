@@ -37,8 +37,8 @@ def test_dspy_grpo_runs_two_steps(tiny_chat_dir, tmp_path):
         compiler.compile(student=program, trainset=trainset)
         job = server.server.config.app.state.job
         status = job.status()
-        assert status["status"] == "terminated" and status["steps"] == 2 and status["optimizer_steps"] >= 2
-        assert served.policy == "policy-2" and status["last_swap_ms"] > 0
+        assert status.status == "terminated" and status.steps == 2 and status.optimizer_steps >= 2
+        assert served.policy == "policy-2" and status.last_swap_ms > 0
     finally:
         stop_server(served, server)
 

@@ -43,7 +43,7 @@ def test_reinforce_job_speaks_the_job_api(lm):
                       train_data_format="grpo_chat")
     assert status["steps"] == 1 and status["pending_batch_ids"] == [1]
     status = job.step_groups([Group((Sample((1, 2), (3,), 1.0), Sample((1, 2), (4,), 0.0)))])
-    assert status["steps"] == 2
+    assert status.steps == 2 and status.status == "running" and status.pending_batch_ids == (2,)
     job.save_checkpoint("best", score=0.5)
     assert job.checkpoints["best"]["model"] == f"openai/arbor:{MODEL_ID}@{job.job_id}/best"
     assert job.checkpoints["best"]["checkpoint_name"] == "best" and job.checkpoints["best"]["score"] == 0.5

@@ -9,24 +9,25 @@ import subprocess
 
 import pytest
 
+from espalier.history import Record, StepRecord, ValRecord
 from espalier.recipes.multihop.manifest import RunManifest, saved_checkpoints
 from espalier.recipes.multihop.report import Curves, ReportPage, write_report
 from espalier.recipes.multihop.scoring import ExampleResult
+from espalier.rollout.runner import EvalResult
 
 START = 1000.0
 
 
-def _history() -> list[dict]:
-    val = {"kind": "val", "error_rate": 0.0, "num_examples": 4}
+def _history() -> list[Record]:
     step = {"groups/count": 4.0, "rollouts/format_failure_rate": 0.5, "time/train_s": 3.0}
     return [
-        {**val, "step": 0, "timestamp": START + 30, "time_s": 20.0, "score": 0.25, "format_failure_rate": 0.75},
-        {**step, "kind": "step", "step": 1, "timestamp": START + 90, "reward/mean": -0.4, "reward/std": 0.3,
-         "groups/no_variance_share": 0.75, "time/rollouts_s": 50.0},
-        {**step, "kind": "step", "step": 2, "timestamp": START + 150, "reward/mean": 0.1, "reward/std": 0.2,
-         "groups/no_variance_share": 0.25, "time/rollouts_s": 55.0},
-        {**val, "step": 2, "timestamp": START + 180, "time_s": 25.0, "score": 0.5, "format_failure_rate": 0.0},
-    ]  # fmt: skip
+        ValRecord(0, START + 30, 20.0, EvalResult(0.25, 0.75, 0.0, 4)),
+        StepRecord(1, START + 90, {**step, "reward/mean": -0.4, "reward/std": 0.3, "groups/no_variance_share": 0.75,
+                                   "time/rollouts_s": 50.0}),
+        StepRecord(2, START + 150, {**step, "reward/mean": 0.1, "reward/std": 0.2, "groups/no_variance_share": 0.25,
+                                    "time/rollouts_s": 55.0}),
+        ValRecord(2, START + 180, 25.0, EvalResult(0.5, 0.0, 0.0, 4)),
+    ]
 
 
 def _example(index: int, score: float, queries: list[str]) -> ExampleResult:

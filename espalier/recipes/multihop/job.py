@@ -29,6 +29,7 @@ from typing import Any
 import dspy
 
 from espalier.flags import option
+from espalier.history import Record, steps, validations
 
 logger = logging.getLogger("espalier")
 OPTIONS_FILE = "options.json"  # every option of the run, for --resume
@@ -245,21 +246,21 @@ def _sizes(opts: RunOptions) -> dict[str, int]:
     return {k: v for k, v in sizes.items() if v}
 
 
-def _summary(opts: RunOptions, history: list[dict], run_dir: Path, server: dict, wall: float, program) -> dict:
-    vals = [h for h in history if h["kind"] == "val"]
-    steps = [h for h in history if h["kind"] == "step"]
-    base, best = vals[0] if vals else {}, max(vals, key=lambda h: h["score"]) if vals else {}
+def _summary(opts: RunOptions, history: list[Record], run_dir: Path, server: dict, wall: float, program) -> dict:
+    vals, trained = validations(history), steps(history)
+    score = [v.result.score for v in vals]
+    best = max(vals, key=lambda v: v.result.score) if vals else None
     return {
         "options": asdict(opts),
-        "baseline_dev_recall": base.get("score"),
-        "final_dev_recall": vals[-1]["score"] if vals else None,
-        "best_dev_recall": best.get("score"),
-        "best_step": best.get("step"),
-        "baseline_format_failure_rate": base.get("format_failure_rate"),
-        "final_format_failure_rate": vals[-1]["format_failure_rate"] if vals else None,
-        "steps": len(steps),
-        "train_reward_first": steps[0]["reward/mean"] if steps else None,
-        "train_reward_last": steps[-1]["reward/mean"] if steps else None,
+        "baseline_dev_recall": score[0] if vals else None,
+        "final_dev_recall": score[-1] if vals else None,
+        "best_dev_recall": best.result.score if best else None,
+        "best_step": best.step if best else None,
+        "baseline_format_failure_rate": vals[0].result.format_failure_rate if vals else None,
+        "final_format_failure_rate": vals[-1].result.format_failure_rate if vals else None,
+        "steps": len(trained),
+        "train_reward_first": trained[0].metrics["reward/mean"] if trained else None,
+        "train_reward_last": trained[-1].metrics["reward/mean"] if trained else None,
         "wall_time_s": wall,
         "served_model": program.predictors()[0].lm.model,
         "run_dir": str(run_dir),
@@ -268,7 +269,7 @@ def _summary(opts: RunOptions, history: list[dict], run_dir: Path, server: dict,
         "program": str(run_dir / "program.json"),
         "report": str(run_dir / "report.html"),
         "server": server.get("base_url"),
-        "validation": vals,
+        "validation": [v.to_dict() for v in vals],
     }
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from espalier.history import Record, StepRecord, ValRecord, steps, validations
+
 
 @dataclass(frozen=True)
 class StepPoint:
@@ -43,41 +45,11 @@ class Curves:
     first_search_recall: float | None = None  # dev recall of the claim's own search: the always-parsing floor
 
     @classmethod
-    def from_history(cls, history: Sequence[dict[str, Any]], start: float, first_search_recall: float | None = None
+    def from_history(cls, history: Sequence[Record], start: float, first_search_recall: float | None = None
                      ) -> Curves:
-        """`start`: the run's start (time.time()); records without a timestamp get wall time 0."""
-
-        def wall(h: dict[str, Any]) -> float:
-            return max(float(h.get("timestamp", start)) - start, 0.0)
-
-        steps = [
-            StepPoint(
-                step=int(h["step"]),
-                wall_s=wall(h),
-                reward_mean=float(h["reward/mean"]),
-                reward_std=float(h["reward/std"]),
-                trained_share=1.0 - float(h.get("groups/no_variance_share", 1.0)),
-                format_failure_rate=float(h.get("rollouts/format_failure_rate", 0.0)),
-                rollouts_s=float(h.get("time/rollouts_s", 0.0)),
-                train_s=float(h.get("time/train_s", 0.0)),
-            )
-            for h in history
-            if h.get("kind") == "step"
-        ]
-        vals = [
-            ValPoint(
-                step=int(h["step"]),
-                wall_s=wall(h),
-                recall=float(h["score"]),
-                format_failure_rate=float(h["format_failure_rate"]),
-                error_rate=float(h.get("error_rate", 0.0)),
-                time_s=float(h.get("time_s", 0.0)),
-                num_examples=int(h.get("num_examples", 0)),
-            )
-            for h in history
-            if h.get("kind") == "val"
-        ]
-        return cls(steps, vals, first_search_recall)
+        """`start`: the run's start (time.time()); a record's wall time is its timestamp after it."""
+        return cls([_step_point(r, start) for r in steps(history)],
+                   [_val_point(r, start) for r in validations(history)], first_search_recall)
 
     def best(self) -> ValPoint | None:
         """The first validation with the highest recall (as `single-best` keeps it)."""
@@ -86,3 +58,20 @@ class Curves:
     def to_dict(self) -> dict[str, Any]:
         return {"steps": [asdict(p) for p in self.steps], "validation": [asdict(v) for v in self.validation],
                 "first_search_recall": self.first_search_recall}
+
+
+def _step_point(record: StepRecord, start: float) -> StepPoint:
+    m = record.metrics
+    return StepPoint(
+        step=record.step, wall_s=max(record.timestamp - start, 0.0), reward_mean=m["reward/mean"],
+        reward_std=m["reward/std"], trained_share=1.0 - m.get("groups/no_variance_share", 1.0),
+        format_failure_rate=m.get("rollouts/format_failure_rate", 0.0), rollouts_s=m.get("time/rollouts_s", 0.0),
+        train_s=m.get("time/train_s", 0.0),
+    )
+
+
+def _val_point(record: ValRecord, start: float) -> ValPoint:
+    r = record.result
+    return ValPoint(step=record.step, wall_s=max(record.timestamp - start, 0.0), recall=r.score,
+                    format_failure_rate=r.format_failure_rate, error_rate=r.error_rate, time_s=record.time_s,
+                    num_examples=r.num_examples)

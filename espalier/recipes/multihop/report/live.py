@@ -17,6 +17,7 @@ from typing import Any
 
 import dspy
 
+from espalier.history import Record
 from espalier.recipes.multihop.manifest import RunManifest, saved_checkpoints
 from espalier.recipes.multihop.report import write_report
 from espalier.recipes.multihop.report.curves import Curves
@@ -31,7 +32,7 @@ class LiveReport:
         self,
         run_dir: Path,
         manifest: RunManifest,
-        history: list[dict[str, Any]],
+        history: list[Record],
         start: float,
         total_steps: int,
         examples: Sequence[dspy.Example],
